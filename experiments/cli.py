@@ -1,0 +1,76 @@
+"""The `medsd` command: `medsd fit|validate|test` through LightningCLI.
+
+Config files compose (`--config a.yaml --config b.yaml`, later wins), any key can be overridden
+with a dotted flag (`--model.init_args.optimizer.lr 5e-5`), and `--print_config` shows the result.
+A run folder (`--trainer.default_root_dir`, default `runs/<strategy>`) receives `config.yaml`,
+the TensorBoard logs, `checkpoints/` (last and best by validation loss) and `export/`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from datamodules import ImageTextDataModule
+from lightning_modules import DiffusionModule
+
+
+class MedsdCLI(LightningCLI):
+    def __init__(self, args: list[str] | None = None, run: bool = True):
+        super().__init__(
+            DiffusionModule,
+            ImageTextDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,  # strategies define their own optimiser
+            args=args,
+            run=run,
+        )
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # `predict` is left out: generating images is `medsd sample`'s job.
+        return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/loss",
+                "checkpoint.mode": "min",
+                "checkpoint.save_last": True,
+                "checkpoint.save_top_k": 1,
+                "checkpoint.filename": "best-step{step}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if not config.trainer.default_root_dir:
+            # Deterministic, so that every DDP rank (a re-run of this command) agrees on it.
+            strategy = config.model.class_path.rsplit(".", 1)[-1].lower()
+            config.trainer.default_root_dir = f"runs/{strategy}"
+
+    def instantiate_trainer(self, **kwargs):
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        if trainer_config.get("logger") in (None, True):
+            # TensorBoard events straight in the run folder, not in lightning_logs/version_N.
+            trainer_config["logger"] = TensorBoardLogger(
+                save_dir=trainer_config["default_root_dir"], name="", version=""
+            )
+        return super().instantiate_trainer(**kwargs)
+
+
+def main(argv: list[str] | None = None) -> None:
+    MedsdCLI(args=sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""The one place that loads pretrained model parts.
+
+A Stable Diffusion-family backbone is five parts: tokenizer, text encoder, VAE, U-Net and noise
+scheduler. They come either from a hub id / local diffusers folder through `from_pretrained`, or
+from the built-in tiny configurations (`medsd/tiny-sd`, `medsd/tiny-bert`) that need no download
+and exist for tests and demos. Domain text encoders (a biomedical BERT, ...) load here too.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import diffusers
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from torch import nn
+from transformers import (
+    AutoModel,
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    BertTokenizer,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    PreTrainedTokenizerBase,
+)
+
+log = logging.getLogger(__name__)
+
+TINY_SD = "medsd/tiny-sd"
+TINY_BERT = "medsd/tiny-bert"
+
+# Stable Diffusion 1.x's noise schedule and default sampler, shared by the tiny backbone so that
+# the demo exercises the same scheduler code path as the real model.
+SD_SCHEDULE = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
+
+
+class BackboneNotFoundError(RuntimeError):
+    """Weights could not be found or fetched; the message says how to provide them."""
+
+
+@dataclass
+class BackboneSpec:
+    """Where a Stable Diffusion-family model comes from.
+
+    name_or_path: a hub id (e.g. `stable-diffusion-v1-5/stable-diffusion-v1-5`), a local diffusers
+        folder, or `medsd/tiny-sd` (built from config, random weights, no download).
+    prediction_type: override the scheduler's `epsilon` / `v_prediction`; None keeps the model's.
+    """
+
+    name_or_path: str = TINY_SD
+    revision: str | None = None
+    variant: str | None = None
+    prediction_type: str | None = None
+
+
+@dataclass
+class Backbone:
+    tokenizer: PreTrainedTokenizerBase
+    text_encoder: nn.Module
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    noise_scheduler: DDPMScheduler
+    # Config of the sampler the model ships with (PNDM for SD 1.x); exports keep it.
+    sampler_config: dict = field(default_factory=dict)
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _not_found(what: str, name_or_path: str, error: Exception) -> BackboneNotFoundError:
+    mode = "offline (HF_HUB_OFFLINE is set)" if offline() else "online"
+    return BackboneNotFoundError(
+        f"Could not load {what} '{name_or_path}' ({mode}): {type(error).__name__}: "
+        f"{str(error).splitlines()[0] if str(error) else ''}\n"
+        f"To use it without network, download it once where the hub is reachable, e.g. "
+        f"`hf download {name_or_path} --local-dir /models/{name_or_path.split('/')[-1]}`, copy "
+        f"that folder here and pass the folder path instead of the id (or point HF_HOME at a "
+        f"cache that holds it)."
+    )
+
+
+def load_backbone(spec: BackboneSpec, dtype: torch.dtype | None = None) -> Backbone:
+    """Load every part of a Stable Diffusion-family model (weights in `dtype`, default fp32)."""
+    if spec.name_or_path == TINY_SD:
+        backbone = build_tiny_backbone()
+    else:
+        backbone = _load_pretrained(spec, dtype)
+    if spec.prediction_type is not None:
+        backbone.noise_scheduler.register_to_config(prediction_type=spec.prediction_type)
+        backbone.sampler_config["prediction_type"] = spec.prediction_type
+    return backbone
+
+
+def _load_pretrained(spec: BackboneSpec, dtype: torch.dtype | None) -> Backbone:
+    where = dict(revision=spec.revision)
+    weights = dict(where, variant=spec.variant, torch_dtype=dtype)
+    path = spec.name_or_path
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **where)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **weights)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights)
+        sampler_config = dict(DDPMScheduler.load_config(path, subfolder="scheduler", **where))
+    except (OSError, ValueError) as error:  # hub, cache and file errors all derive from these
+        raise _not_found("the Stable Diffusion model", path, error) from error
+    noise_scheduler = DDPMScheduler.from_config(sampler_config)
+    return Backbone(tokenizer, text_encoder, vae, unet, noise_scheduler, sampler_config)
+
+
+def build_sampler(sampler_config: dict, name: str | None = None):
+    """The scheduler class named in the config (or `name`, e.g. `DDIMScheduler`) from it."""
+    cls = getattr(diffusers, name or sampler_config["_class_name"])
+    return cls.from_config(sampler_config)
+
+
+# --- tiny backbone --------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def _clip_vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+    """CLIP's byte-level BPE vocabulary, rebuilt from the merges file open_clip ships.
+
+    CLIP's vocabulary is: the 256 byte symbols, the same with the end-of-word marker, one entry
+    per merge in order, then the two special tokens (49,408 entries in all).
+    """
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+
+    with gzip.open(default_bpe(), "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    merges = tuple(tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1])  # line 0: header
+    symbols = list(bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols]
+    vocab += ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return {token: i for i, token in enumerate(vocab)}, merges
+
+
+def build_clip_tokenizer(max_length: int = 77) -> CLIPTokenizer:
+    """A real CLIP tokenizer built offline (same ids as open_clip's and OpenAI's)."""
+    vocab, merges = _clip_vocab_and_merges()
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=max_length)
+
+
+def build_tiny_backbone(seed: int = 0) -> Backbone:
+    """A Stable Diffusion 1.x-shaped model small enough to train on a CPU in seconds.
+
+    32x32 images, a VAE with 2x downsampling to 4 latent channels, a two-level U-Net with
+    cross-attention width 32 and a 2-layer CLIP text encoder over the real CLIP vocabulary.
+    Weights are random but deterministic in `seed`.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer = build_clip_tokenizer()
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=77,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=32,
+        )
+        unet = UNet2DConditionModel(
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=16,
+        )
+    sampler = diffusers.PNDMScheduler(**SD_SCHEDULE, skip_prk_steps=True)
+    sampler_config = dict(sampler.config, _class_name=type(sampler).__name__)
+    noise_scheduler = DDPMScheduler.from_config(sampler_config)
+    return Backbone(tokenizer, text_encoder, vae, unet, noise_scheduler, sampler_config)
+
+
+# --- domain text encoders -------------------------------------------------------------------
+
+
+def load_text_encoder(
+    name_or_path: str, revision: str | None = None
+) -> tuple[PreTrainedTokenizerBase, nn.Module]:
+    """Any transformers encoder (e.g. a biomedical BERT) with its tokenizer, or `medsd/tiny-bert`."""
+    if name_or_path == TINY_BERT:
+        return build_tiny_bert()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+        model = AutoModel.from_pretrained(name_or_path, revision=revision)
+    except (OSError, ValueError) as error:
+        raise _not_found("the text encoder", name_or_path, error) from error
+    return tokenizer, model
+
+
+def build_tiny_bert(seed: int = 0) -> tuple[PreTrainedTokenizerBase, nn.Module]:
+    """A 2-layer BERT whose WordPiece vocabulary is characters, so any English text tokenises."""
+    import string
+
+    pieces = list(string.ascii_lowercase + string.digits + string.punctuation)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *pieces, *("##" + p for p in pieces)]
+    tokenizer = BertTokenizer(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BertModel(
+            BertConfig(
+                vocab_size=len(vocab),
+                hidden_size=24,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=48,
+                max_position_embeddings=128,
+            ),
+            add_pooling_layer=False,
+        )
+    return tokenizer, model

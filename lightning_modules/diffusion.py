@@ -1,0 +1,379 @@
+"""The LightningModule every strategy builds on: loss, EMA, optimiser, validation images, export.
+
+A strategy (textual inversion, fine-tuning, LoRA, ...) only decides which parameters train, how
+a prompt becomes the U-Net's conditioning, and what its export looks like.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import lightning as L
+import torch
+import torchvision
+from diffusers import StableDiffusionPipeline
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
+
+from .backbones import BackboneSpec, build_sampler, load_backbone
+from .export import atomic_directory, write_manifest
+from .objectives import (
+    diffusion_loss,
+    drop_captions,
+    min_snr_weights,
+    prediction_target,
+    sample_noise,
+    sample_timesteps,
+)
+from .prompts import PromptTokenizer
+from .settings import Objective, Optimizer, Validation
+
+log = logging.getLogger(__name__)
+
+HALF_PRECISIONS = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def cast_frozen_parameters(module: nn.Module, dtype: torch.dtype) -> int:
+    """Store frozen weights in `dtype` (halving their memory); trainable ones stay fp32.
+
+    Keeping trainable weights in fp32 is what mixed precision needs: fp16 master weights lose
+    small updates and make the gradient scaler fail. Returns how many tensors were cast.
+    """
+    count = 0
+    for p in module.parameters():
+        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+            count += 1
+    return count
+
+
+class DiffusionModule(L.LightningModule):
+    """Base of the Stable Diffusion-family strategies (not used on its own).
+
+    Args:
+        backbone: which pretrained model to adapt.
+        objective: noise, timesteps and loss weighting.
+        optimizer: AdamW and its learning-rate schedule.
+        validation: the prompts rendered into the TensorBoard image grid.
+        ema_decay: keep an exponential moving average of the trainable weights, used for
+            validation images and the export (e.g. 0.9999); None disables it.
+        gradient_checkpointing: trade compute for memory in the parts that train.
+    """
+
+    def __init__(
+        self,
+        backbone: BackboneSpec | None = None,
+        objective: Objective | None = None,
+        optimizer: Optimizer | None = None,
+        validation: Validation | None = None,
+        ema_decay: float | None = None,
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__()
+        self.backbone_spec = backbone or BackboneSpec()
+        self.objective = objective or Objective()
+        self.optimizer_settings = optimizer or Optimizer()
+        self.validation = validation or Validation()
+        self.ema_decay = ema_decay
+        self.gradient_checkpointing = gradient_checkpointing
+        self.save_hyperparameters()
+
+        parts = load_backbone(self.backbone_spec)
+        self.tokenizer = parts.tokenizer
+        self.text_encoder = parts.text_encoder
+        self.vae = parts.vae
+        self.unet = parts.unet
+        self.noise_scheduler = parts.noise_scheduler
+        self.sampler_config = parts.sampler_config
+        self.requires_grad_(False)  # strategies switch on what they train
+        # Checkpoints hold only what trains; frozen weights come from the backbone again.
+        self.strict_loading = False
+        self.ema: EMAModel | None = None
+        self._vae_dtype = torch.float32
+
+    # --- what strategies define ---------------------------------------------------------
+
+    @property
+    def prompt_tokenizer(self) -> PromptTokenizer:
+        return PromptTokenizer(self.tokenizer)
+
+    def parameter_groups(self) -> list[dict]:
+        """Optimiser parameter groups; a group may carry its own `lr`."""
+        return [{"params": trainable_parameters(self)}]
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Token ids -> the U-Net's cross-attention conditioning [B, L, D]."""
+        return self.text_encoder(input_ids)[0]
+
+    def export(self, folder: Path) -> dict:
+        """Write the trained model into `folder`; return extra fields for its manifest."""
+        raise NotImplementedError
+
+    def after_optimizer_step(self) -> None:
+        """Called after every optimiser step, before the EMA update."""
+
+    # --- shared machinery ---------------------------------------------------------------
+
+    def enable_gradient_checkpointing(self) -> None:
+        if not self.gradient_checkpointing:
+            return
+        if any(p.requires_grad for p in self.unet.parameters()):
+            self.unet.enable_gradient_checkpointing()
+        if any(p.requires_grad for p in self.text_encoder.parameters()):
+            self.text_encoder.gradient_checkpointing_enable()
+
+    def train(self, mode: bool = True):
+        # Parts with nothing to train stay in eval mode (no dropout, frozen norm statistics).
+        super().train(mode)
+        for child in self.children():
+            if not any(p.requires_grad for p in child.parameters()):
+                child.eval()
+        return self
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and getattr(datamodule, "tokenizer", "absent") is None:
+            datamodule.tokenizer = self.prompt_tokenizer  # tokenise in the DataLoader workers
+        if self.ema_decay is not None and self.ema is None:
+            self.ema = EMAModel(trainable_parameters(self), decay=self.ema_decay)
+
+    def on_fit_start(self) -> None:
+        precision = str(self.trainer.precision)
+        if precision in ("16-true", "bf16-true"):
+            raise ValueError(
+                f"precision '{precision}' would store the trainable weights in half precision; "
+                "use bf16-mixed or 16-mixed (frozen parts then run in half precision on GPU)"
+            )
+        if self.device.type == "cuda" and precision in HALF_PRECISIONS:
+            # The fp16 VAE overflows into NaNs (black images), so under 16-mixed it stays fp32.
+            if precision == "bf16-mixed":
+                self._vae_dtype = torch.bfloat16
+            else:
+                self.vae.requires_grad_(False)
+                self.vae.to(torch.float32)
+            cast_frozen_parameters(self.unet, HALF_PRECISIONS[precision])
+            cast_frozen_parameters(self.text_encoder, HALF_PRECISIONS[precision])
+            cast_frozen_parameters(self.vae, self._vae_dtype)
+        if self.ema is not None:
+            self.ema.to(self.device)
+
+    # --- loss ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> scaled VAE latents in fp32 (the VAE never sees autocast)."""
+        with torch.autocast(self.device.type, enabled=False):
+            x = pixel_values.to(self.device, self._vae_dtype)
+            latents = self.vae.encode(x).latent_dist.sample()
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (latents.float() - shift) * self.vae.config.scaling_factor
+
+    def diffusion_step(
+        self, batch: dict, generator: torch.Generator | None, caption_dropout: float
+    ) -> torch.Tensor:
+        if "input_ids" not in batch:
+            raise KeyError(
+                "the batch has no 'input_ids': give the DataModule this module's "
+                "prompt_tokenizer (medsd's Trainer setup does this automatically)"
+            )
+        obj = self.objective
+        latents = self.encode_images(batch["pixel_values"])
+        noise = sample_noise(latents, obj.noise_offset, generator)
+        timesteps = sample_timesteps(
+            latents.shape[0],
+            self.noise_scheduler.config.num_train_timesteps,
+            self.device,
+            obj.min_timestep,
+            obj.max_timestep,
+            generator,
+        )
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        uncond = self._unconditional_ids()
+        input_ids = drop_captions(batch["input_ids"], uncond, caption_dropout, generator)
+        conditioning = self.encode_text(input_ids, batch["attention_mask"])
+        prediction = self.unet(noisy, timesteps, conditioning).sample
+        target = prediction_target(self.noise_scheduler, latents, noise, timesteps)
+        weights = None
+        if obj.snr_gamma is not None:
+            weights = min_snr_weights(self.noise_scheduler, timesteps, obj.snr_gamma)
+        return diffusion_loss(prediction, target, weights)
+
+    def _unconditional_ids(self) -> torch.Tensor:
+        return self.prompt_tokenizer.unconditional()["input_ids"][0].to(self.device)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.diffusion_step(batch, None, self.objective.caption_dropout)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["prompts"]))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        # Fixed noise and timesteps per batch, so validation losses compare across epochs.
+        generator = torch.Generator().manual_seed(self.validation.seed + batch_idx)
+        loss = self.diffusion_step(batch, generator, caption_dropout=0.0)
+        self.log("val/loss", loss, sync_dist=True, batch_size=len(batch["prompts"]))
+        return loss
+
+    test_step = validation_step
+
+    # --- optimiser and EMA --------------------------------------------------------------
+
+    def configure_optimizers(self):
+        settings = self.optimizer_settings
+        groups = [g for g in self.parameter_groups() if g["params"]]
+        if not groups:
+            raise ValueError(f"{type(self).__name__} has nothing to train with these settings")
+        fused = settings.fused if settings.fused is not None else self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(
+            groups,
+            lr=settings.lr,
+            betas=tuple(settings.betas),
+            eps=settings.eps,
+            weight_decay=settings.weight_decay,
+            fused=fused,
+        )
+        schedule = get_scheduler(
+            settings.schedule,
+            optimizer,
+            num_warmup_steps=settings.warmup_steps,
+            num_training_steps=int(self.trainer.estimated_stepping_batches),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        self.after_optimizer_step()
+        if self.ema is not None:
+            self.ema.step(trainable_parameters(self))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if k in trainable
+        }
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.ema is not None and "ema" in checkpoint:
+            self.ema.load_state_dict(checkpoint["ema"])
+
+    @contextmanager
+    def use_ema_weights(self) -> Iterator[None]:
+        """Inside the block the EMA weights replace the live ones (if EMA is on)."""
+        if self.ema is None:
+            yield
+            return
+        params = trainable_parameters(self)
+        self.ema.store(params)
+        self.ema.copy_to(params)
+        try:
+            yield
+        finally:
+            self.ema.restore(params)
+
+    # --- validation images ------------------------------------------------------------
+
+    def build_pipeline(self, sampler: str | None = None) -> StableDiffusionPipeline:
+        """A diffusers pipeline over this module's own parts (no copies)."""
+        return StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet,
+            scheduler=build_sampler(self.sampler_config, sampler),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], unconditional: bool = False) -> torch.Tensor:
+        tokenizer = self.prompt_tokenizer
+        tokens = tokenizer.unconditional(len(prompts)) if unconditional else tokenizer(prompts)
+        return self.encode_text(
+            tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
+        )
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        """One image per (prompt, seed) as [N, 3, H, W] in [0, 1]; CPU generators, so the
+        same seed gives the same starting noise on any device."""
+        v = self.validation
+        pipe = self.build_pipeline(v.sampler)
+        pipe.set_progress_bar_config(disable=True)
+        size = v.resolution or self.unet.config.sample_size * pipe.vae_scale_factor
+        with torch.autocast(self.device.type, enabled=False):
+            images = pipe(
+                prompt_embeds=self.encode_prompts(prompts).float(),
+                negative_prompt_embeds=self.encode_prompts(prompts, unconditional=True).float(),
+                num_inference_steps=v.num_inference_steps,
+                guidance_scale=v.guidance_scale,
+                generator=[torch.Generator().manual_seed(s) for s in seeds],
+                height=size,
+                width=size,
+                output_type="pt",
+            ).images
+        return images.float()
+
+    def on_validation_start(self) -> None:
+        self._ema_swap = self.use_ema_weights()
+        self._ema_swap.__enter__()
+
+    def on_validation_end(self) -> None:
+        self._ema_swap.__exit__(None, None, None)
+
+    def on_validation_epoch_end(self) -> None:
+        """Render the validation prompts into an image grid.
+
+        Every rank renders its share of the prompts and all ranks take part in the same
+        all_gather, so no rank waits on a collective another rank never reaches.
+        """
+        prompts = self.validation.prompts
+        if not prompts:
+            return
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        per_rank = math.ceil(len(prompts) / world)
+        indices = [min(rank * per_rank + i, len(prompts) - 1) for i in range(per_rank)]
+        images = self.generate(
+            [prompts[i] for i in indices], [self.validation.seed + i for i in indices]
+        )
+        gathered = self.all_gather(images)
+        if world > 1:
+            gathered = gathered.flatten(0, 1)
+        if not self.trainer.is_global_zero:
+            return
+        grid = torchvision.utils.make_grid(gathered[: len(prompts)].cpu(), nrow=min(4, len(prompts)))
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("val/images", grid, self.global_step)
+
+    # --- export -------------------------------------------------------------------------
+
+    def on_fit_end(self) -> None:
+        """Every fit ends with an export under `<default_root_dir>/export` (rank 0 writes)."""
+        if self.trainer.is_global_zero:
+            folder = Path(self.trainer.default_root_dir) / "export"
+            with self.use_ema_weights(), atomic_directory(folder) as scratch:
+                extra = self.export(scratch)
+                write_manifest(
+                    scratch,
+                    **extra,
+                    strategy=type(self).__name__,
+                    base_model=self.backbone_spec.name_or_path,
+                    base_revision=self.backbone_spec.revision,
+                    global_step=self.global_step,
+                    ema=self.ema is not None,
+                )
+            log.info("exported %s to %s", type(self).__name__, folder)
+        self.trainer.strategy.barrier("medsd-export")
+

@@ -1,0 +1,102 @@
+"""Pure functions of the denoising objective: timesteps, noise, targets, loss weighting.
+
+They take tensors and a scheduler and return tensors, so each can be checked against a hand
+computation without a model.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDPMScheduler
+from diffusers.training_utils import compute_snr
+
+
+def sample_timesteps(
+    batch_size: int,
+    num_train_timesteps: int,
+    device: torch.device | str = "cpu",
+    min_timestep: int = 0,
+    max_timestep: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Uniform integer timesteps in [min_timestep, max_timestep)."""
+    high = num_train_timesteps if max_timestep is None else max_timestep
+    if not 0 <= min_timestep < high <= num_train_timesteps:
+        raise ValueError(
+            f"timestep range [{min_timestep}, {high}) must lie within [0, {num_train_timesteps})"
+        )
+    t = torch.randint(min_timestep, high, (batch_size,), generator=generator)
+    return t.to(device)
+
+
+def sample_noise(
+    latents: torch.Tensor, noise_offset: float = 0.0, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Gaussian noise like `latents`, plus an optional per-channel offset.
+
+    The offset (a constant shift per image and channel) lets the model learn to change an
+    image's mean brightness, which plain zero-mean noise barely teaches; it matters for
+    X-rays, whose backgrounds are mostly black.
+    """
+    shape = latents.shape
+    noise = torch.randn(shape, generator=generator).to(latents)
+    if noise_offset:
+        offset = torch.randn(shape[0], shape[1], *([1] * (len(shape) - 2)), generator=generator)
+        noise = noise + noise_offset * offset.to(latents)
+    return noise
+
+
+def prediction_target(
+    scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """What the network must predict: the noise (epsilon) or the velocity (v-prediction)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported prediction_type '{kind}' (use 'epsilon' or 'v_prediction')")
+
+
+def min_snr_weights(
+    scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float
+) -> torch.Tensor:
+    """Per-sample loss weights of Min-SNR-gamma (Hang et al. 2023).
+
+    The weight min(SNR, gamma) / SNR for epsilon targets; for v targets the MSE already carries
+    a factor SNR + 1, hence min(SNR, gamma) / (SNR + 1).
+    """
+    snr = compute_snr(scheduler, timesteps).float()
+    clipped = torch.clamp(snr, max=gamma)
+    if scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped / snr
+
+
+def diffusion_loss(
+    prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean squared error in fp32, optionally weighted per sample."""
+    per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+    if weights is not None:
+        per_sample = per_sample * weights
+    return per_sample.mean()
+
+
+def drop_captions(
+    input_ids: torch.Tensor,
+    unconditional_ids: torch.Tensor,
+    probability: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Replace each caption by the empty prompt with `probability`.
+
+    Training on some unconditional examples is what lets classifier-free guidance work at
+    sampling time. `unconditional_ids` is the tokenised empty prompt, shape [L] or [1, L].
+    """
+    if probability <= 0:
+        return input_ids
+    drop = torch.rand(input_ids.shape[0], generator=generator) < probability
+    drop = drop.to(input_ids.device)
+    empty = unconditional_ids.reshape(1, -1).to(input_ids)
+    return torch.where(drop[:, None], empty, input_ids)

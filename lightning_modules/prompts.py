@@ -1,0 +1,54 @@
+"""Turning prompt strings into token ids, the same way in data loading, validation and export."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+
+class PromptTokenizer:
+    """A picklable `list[str] -> {input_ids, attention_mask}` for DataLoader workers.
+
+    template: every caption is written into it (`{prompt}` is the caption), e.g. to put a
+        textual-inversion placeholder in front of each caption.
+    replacements: word -> words substitutions applied after the template, e.g. a multi-vector
+        placeholder `<x>` -> `<x> <x>_1 <x>_2` (what diffusers' pipelines do at sampling time).
+    Prompts longer than `max_length` tokens are truncated (the CLIP limit is 77).
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        max_length: int | None = None,
+        template: str = "{prompt}",
+        replacements: dict[str, str] | None = None,
+    ):
+        if "{prompt}" not in template:
+            raise ValueError(f"the caption template must contain '{{prompt}}', got {template!r}")
+        self.tokenizer = tokenizer
+        self.max_length = max_length or tokenizer.model_max_length
+        self.template = template
+        self.replacements = dict(replacements or {})
+
+    def expand(self, prompt: str) -> str:
+        text = self.template.format(prompt=prompt)
+        for word, expansion in self.replacements.items():
+            text = text.replace(word, expansion)
+        return text
+
+    def __call__(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        return self.encode([self.expand(p) for p in prompts])
+
+    def unconditional(self, n: int = 1) -> dict[str, torch.Tensor]:
+        """The empty prompt, untouched by the template: what guidance contrasts against."""
+        return self.encode([""] * n)
+
+    def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        out = self.tokenizer(
+            texts,
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
