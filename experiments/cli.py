@@ -8,15 +8,12 @@ the TensorBoard logs, `checkpoints/` (last and best by validation loss) and `exp
 
 from __future__ import annotations
 
-import sys
-
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from datamodules import ImageTextDataModule
 from lightning_modules import DiffusionModule
-
 
 class MedsdCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, run: bool = True):
@@ -67,10 +64,8 @@ class MedsdCLI(LightningCLI):
             )
         return super().instantiate_trainer(**kwargs)
 
-
 def main(argv: list[str] | None = None) -> None:
-    MedsdCLI(args=sys.argv[1:] if argv is None else argv)
-
+    MedsdCLI(args=argv)  # None: LightningCLI reads sys.argv itself
 
 if __name__ == "__main__":
     main()

@@ -241,7 +241,6 @@ def build_tiny_bert(seed: int = 0) -> tuple[PreTrainedTokenizerBase, nn.Module]:
                 num_attention_heads=4,
                 intermediate_size=48,
                 max_position_embeddings=128,
-            ),
-            add_pooling_layer=False,
+            )
         )
     return tokenizer, model

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import lightning as L
@@ -175,8 +175,19 @@ class DiffusionModule(L.LightningModule):
         with torch.autocast(self.device.type, enabled=False):
             x = pixel_values.to(self.device, self._vae_dtype)
             latents = self.vae.encode(x).latent_dist.sample()
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return (latents.float() - shift) * self.vae.config.scaling_factor
+        return (latents.float() - self._latent_shift) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in [0, 1], fp32, outside autocast like `encode_images`."""
+        with torch.autocast(self.device.type, enabled=False):
+            z = latents.to(self._vae_dtype) / self.vae.config.scaling_factor + self._latent_shift
+            images = self.vae.decode(z).sample
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    @property
+    def _latent_shift(self) -> float:
+        return getattr(self.vae.config, "shift_factor", None) or 0.0
 
     def diffusion_step(
         self, batch: dict, generator: torch.Generator | None, caption_dropout: float
@@ -198,8 +209,10 @@ class DiffusionModule(L.LightningModule):
             generator,
         )
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        uncond = self._unconditional_ids()
-        input_ids = drop_captions(batch["input_ids"], uncond, caption_dropout, generator)
+        input_ids = batch["input_ids"]
+        if caption_dropout > 0:
+            uncond = self.prompt_tokenizer.unconditional()["input_ids"][0]
+            input_ids = drop_captions(input_ids, uncond, caption_dropout, generator)
         conditioning = self.encode_text(input_ids, batch["attention_mask"])
         prediction = self.unet(noisy, timesteps, conditioning).sample
         target = prediction_target(self.noise_scheduler, latents, noise, timesteps)
@@ -208,22 +221,23 @@ class DiffusionModule(L.LightningModule):
             weights = min_snr_weights(self.noise_scheduler, timesteps, obj.snr_gamma)
         return diffusion_loss(prediction, target, weights)
 
-    def _unconditional_ids(self) -> torch.Tensor:
-        return self.prompt_tokenizer.unconditional()["input_ids"][0].to(self.device)
-
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.diffusion_step(batch, None, self.objective.caption_dropout)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["prompts"]))
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        # Fixed noise and timesteps per batch, so validation losses compare across epochs.
+        return self._evaluation_loss(batch, batch_idx, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._evaluation_loss(batch, batch_idx, "test")
+
+    def _evaluation_loss(self, batch: dict, batch_idx: int, stage: str) -> torch.Tensor:
+        # Fixed noise and timesteps per batch, so evaluation losses compare across epochs.
         generator = torch.Generator().manual_seed(self.validation.seed + batch_idx)
         loss = self.diffusion_step(batch, generator, caption_dropout=0.0)
-        self.log("val/loss", loss, sync_dist=True, batch_size=len(batch["prompts"]))
+        self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=len(batch["prompts"]))
         return loss
-
-    test_step = validation_step
 
     # --- optimiser and EMA --------------------------------------------------------------
 
@@ -312,18 +326,22 @@ class DiffusionModule(L.LightningModule):
         pipe = self.build_pipeline(v.sampler)
         pipe.set_progress_bar_config(disable=True)
         size = v.resolution or self.unet.config.sample_size * pipe.vae_scale_factor
-        with torch.autocast(self.device.type, enabled=False):
-            images = pipe(
-                prompt_embeds=self.encode_prompts(prompts).float(),
-                negative_prompt_embeds=self.encode_prompts(prompts, unconditional=True).float(),
+        # The denoising loop runs in the Trainer's precision; decoding is done in fp32 (or the
+        # VAE's bf16) by decode_latents, where the fp16 VAE's overflow cannot reach it.
+        trainer = self._trainer
+        precision = trainer.precision_plugin.forward_context() if trainer else nullcontext()
+        with precision:
+            latents = pipe(
+                prompt_embeds=self.encode_prompts(prompts),
+                negative_prompt_embeds=self.encode_prompts(prompts, unconditional=True),
                 num_inference_steps=v.num_inference_steps,
                 guidance_scale=v.guidance_scale,
                 generator=[torch.Generator().manual_seed(s) for s in seeds],
                 height=size,
                 width=size,
-                output_type="pt",
+                output_type="latent",
             ).images
-        return images.float()
+        return self.decode_latents(latents)
 
     def on_validation_start(self) -> None:
         self._ema_swap = self.use_ema_weights()

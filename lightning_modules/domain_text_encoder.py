@@ -53,6 +53,10 @@ class DomainTextEncoderFineTuning(DiffusionModule):
             self.text_encoder.config.hidden_size, self.unet.config.cross_attention_dim
         )
         self.text_encoder.requires_grad_(train_text_encoder)
+        if getattr(self.text_encoder, "pooler", None) is not None:
+            # Only the hidden states condition the U-Net; a pooler that never receives a gradient
+            # would make DDP fail on unused parameters.
+            self.text_encoder.pooler.requires_grad_(False)
         self.unet.requires_grad_(train_unet)
         self.enable_gradient_checkpointing()
 

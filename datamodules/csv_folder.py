@@ -1,0 +1,156 @@
+"""Image-text pairs listed in a CSV file, or stored as a folder of images with caption files."""
+
+from __future__ import annotations
+
+import logging
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+
+from .base import SPLITS, ImageTextDataModule, Record
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+# Spellings accepted in the CSV's `split` column (compared case-insensitively).
+SPLIT_NAMES = {
+    "train": "train",
+    "val": "val",
+    "valid": "val",
+    "validate": "val",
+    "validation": "val",
+    "test": "test",
+}
+
+
+class CSVImageTextDataModule(ImageTextDataModule):
+    """Images and captions from a CSV file or a folder.
+
+    source: one of
+        - a CSV file with columns `image` (a path relative to `image_root`, or absolute) and
+          `prompt`, and optionally `split` (train / val / test; validate, valid and validation
+          also mean val). Without a `split` column every row is for training;
+        - a folder holding such a CSV named `metadata.csv`;
+        - a folder of images (.png .jpg .jpeg .bmp .tif .tiff, subfolders included), each with
+          a caption in a text file of the same name (`scan1.png` + `scan1.txt`); all train.
+    image_root: the folder image paths are relative to; default: the CSV's folder.
+    empty_prompts: what to do with blank captions: "error", or "drop" those images (with a
+        warning). Dropping rather than training them unconditionally keeps the dataset what
+        its captions say.
+    The other arguments are ImageTextDataModule's.
+    """
+
+    def __init__(
+        self,
+        source: str,
+        image_root: str | None = None,
+        empty_prompts: Literal["error", "drop"] = "error",
+        image_size: int = 512,
+        batch_size: int = 4,
+        num_workers: int = 0,
+        center_crop: bool = True,
+        random_flip: bool = False,
+        tokenizer: Any = None,
+    ):
+        super().__init__(
+            image_size=image_size,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            center_crop=center_crop,
+            random_flip=random_flip,
+            tokenizer=tokenizer,
+        )
+        if empty_prompts not in ("error", "drop"):
+            raise ValueError(f"empty_prompts must be 'error' or 'drop', got {empty_prompts!r}")
+        self.source = Path(source)
+        self.image_root = None if image_root is None else Path(image_root)
+        self.empty_prompts = empty_prompts
+
+    def load_records(self, split: str) -> list[Record]:
+        return self._records_by_split[split]
+
+    @cached_property
+    def _records_by_split(self) -> dict[str, list[Record]]:
+        # The source is read once for all three splits.
+        if self.source.is_file():
+            return self._read_csv(self.source)
+        if (self.source / "metadata.csv").is_file():
+            return self._read_csv(self.source / "metadata.csv")
+        if self.source.is_dir():
+            return {"train": self._read_caption_files(self.source), "val": [], "test": []}
+        raise FileNotFoundError(f"data source {self.source} does not exist")
+
+    def _read_csv(self, path: Path) -> dict[str, list[Record]]:
+        # dtype=str and no NA parsing: a prompt such as "None" or "NA" stays that text.
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+        table.columns = table.columns.str.strip()
+        for column in ("image", "prompt"):
+            if column not in table.columns:
+                raise ValueError(f"{path} has no '{column}' column; columns found: {list(table.columns)}")
+        # Line numbers as a spreadsheet or an editor shows them (the header is line 1); exact
+        # unless a quoted prompt spans several lines.
+        table["line"] = table.index + 2
+
+        if "split" in table.columns:
+            splits = table["split"].str.strip().str.lower().map(SPLIT_NAMES)
+            unknown = splits.isna()
+            if unknown.any():
+                raise ValueError(
+                    f"{path}: unknown split value(s) {sorted(set(table.loc[unknown, 'split']))} on line(s) "
+                    f"{_some(table.loc[unknown, 'line'])}; expected train, val (or validate, valid, "
+                    "validation) or test"
+                )
+            table["split"] = splits
+        else:
+            table["split"] = "train"
+
+        table["prompt"] = table["prompt"].str.strip()
+        empty = table["prompt"] == ""
+        self._handle_empty(f"line(s) {_some(table.loc[empty, 'line'])}", empty.sum(), len(table), path)
+        table = table[~empty]
+
+        root = self.image_root or path.parent
+        paths = [root / image.strip() for image in table["image"]]  # an absolute path ignores root
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} image(s) listed in {path} do not exist: {_some(missing)}"
+            )
+
+        records: dict[str, list[Record]] = {split: [] for split in SPLITS}
+        for image, prompt, split in zip(paths, table["prompt"], table["split"], strict=True):
+            records[split].append(Record(str(image), prompt))
+        return records
+
+    def _read_caption_files(self, folder: Path) -> list[Record]:
+        images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not images:
+            raise FileNotFoundError(
+                f"{folder} has neither a metadata.csv nor images ({' '.join(sorted(IMAGE_SUFFIXES))})"
+            )
+        uncaptioned = [p for p in images if not p.with_suffix(".txt").is_file()]
+        if uncaptioned:
+            raise FileNotFoundError(
+                f"{len(uncaptioned)} image(s) in {folder} have no caption file (same name, .txt): "
+                f"{_some(uncaptioned)}"
+            )
+        records = [Record(str(p), p.with_suffix(".txt").read_text(encoding="utf-8").strip()) for p in images]
+        empty = [Path(r.image).with_suffix(".txt") for r in records if not r.prompt]
+        self._handle_empty(f"caption file(s) {_some(empty)}", len(empty), len(records), folder)
+        return [r for r in records if r.prompt]
+
+    def _handle_empty(self, where: str, n_empty: int, n_total: int, source: Path) -> None:
+        if n_empty == 0:
+            return
+        if self.empty_prompts == "error":
+            raise ValueError(f"{source}: empty prompt in {where}; fill them in or set empty_prompts='drop'")
+        log.warning("%s: dropped %d of %d rows with empty prompts (%s)", source, n_empty, n_total, where)
+
+
+def _some(items, limit: int = 5) -> str:
+    """The first `limit` items, and how many there are in all when that is more."""
+    items = [str(i) for i in items]
+    shown = ", ".join(items[:limit])
+    return shown if len(items) <= limit else f"{shown}, ... ({len(items)} in all)"
