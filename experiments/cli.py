@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from datamodules import ImageTextDataModule
 from lightning_modules import DiffusionModule
 
+
 class MedsdCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, run: bool = True):
         super().__init__(
@@ -64,8 +65,10 @@ class MedsdCLI(LightningCLI):
             )
         return super().instantiate_trainer(**kwargs)
 
+
 def main(argv: list[str] | None = None) -> None:
     MedsdCLI(args=argv)  # None: LightningCLI reads sys.argv itself
+
 
 if __name__ == "__main__":
     main()

@@ -271,9 +271,7 @@ class DiffusionModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {
-            k: v for k, v in checkpoint["state_dict"].items() if k in trainable
-        }
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
 
@@ -314,9 +312,7 @@ class DiffusionModule(L.LightningModule):
     def encode_prompts(self, prompts: list[str], unconditional: bool = False) -> torch.Tensor:
         tokenizer = self.prompt_tokenizer
         tokens = tokenizer.unconditional(len(prompts)) if unconditional else tokenizer(prompts)
-        return self.encode_text(
-            tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
-        )
+        return self.encode_text(tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
@@ -362,9 +358,7 @@ class DiffusionModule(L.LightningModule):
         world, rank = self.trainer.world_size, self.trainer.global_rank
         per_rank = math.ceil(len(prompts) / world)
         indices = [min(rank * per_rank + i, len(prompts) - 1) for i in range(per_rank)]
-        images = self.generate(
-            [prompts[i] for i in indices], [self.validation.seed + i for i in indices]
-        )
+        images = self.generate([prompts[i] for i in indices], [self.validation.seed + i for i in indices])
         gathered = self.all_gather(images)
         if world > 1:
             gathered = gathered.flatten(0, 1)
@@ -394,4 +388,3 @@ class DiffusionModule(L.LightningModule):
                 )
             log.info("exported %s to %s", type(self).__name__, folder)
         self.trainer.strategy.barrier("medsd-export")
-

@@ -176,4 +176,3 @@ def load_domain_text_pipeline(folder: str | Path) -> DomainTextPipeline:
         projection.eval(),
         manifest["max_length"],
     )
-

@@ -44,7 +44,5 @@ class LoRAFineTuning(DiffusionModule):
 
     def export(self, folder: Path) -> dict:
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
-        StableDiffusionPipeline.save_lora_weights(
-            folder, unet_lora_layers=layers, safe_serialization=True
-        )
+        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
         return {"format": "diffusers-lora", "rank": self.rank}

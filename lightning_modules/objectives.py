@@ -58,9 +58,7 @@ def prediction_target(
     raise ValueError(f"unsupported prediction_type '{kind}' (use 'epsilon' or 'v_prediction')")
 
 
-def min_snr_weights(
-    scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float
-) -> torch.Tensor:
+def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
     """Per-sample loss weights of Min-SNR-gamma (Hang et al. 2023).
 
     The weight min(SNR, gamma) / SNR for epsilon targets; for v targets the MSE already carries

@@ -42,9 +42,14 @@ def test_tiny_backbone_is_deterministic_and_consistent():
 def test_loads_a_local_diffusers_folder(tmp_path):
     tiny = build_tiny_backbone()
     StableDiffusionPipeline(
-        tiny.vae, tiny.text_encoder, tiny.tokenizer, tiny.unet,
+        tiny.vae,
+        tiny.text_encoder,
+        tiny.tokenizer,
+        tiny.unet,
         build_sampler(tiny.sampler_config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     ).save_pretrained(tmp_path)
     loaded = load_backbone(BackboneSpec(str(tmp_path), prediction_type="v_prediction"))
     torch.testing.assert_close(loaded.unet.state_dict(), tiny.unet.state_dict(), rtol=0, atol=0)

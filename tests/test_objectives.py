@@ -26,8 +26,7 @@ def sd_scheduler(prediction_type="epsilon"):
 def alpha_bar(t: int) -> float:
     """Cumulative product of (1 - beta) for SD's scaled-linear schedule, by hand."""
     betas = [
-        (math.sqrt(0.00085) + i * (math.sqrt(0.012) - math.sqrt(0.00085)) / 999) ** 2
-        for i in range(1000)
+        (math.sqrt(0.00085) + i * (math.sqrt(0.012) - math.sqrt(0.00085)) / 999) ** 2 for i in range(1000)
     ]
     return math.prod(1 - b for b in betas[: t + 1])
 

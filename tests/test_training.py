@@ -45,14 +45,24 @@ def test_overfits_a_handful_of_images(tmp_path):
 
 def test_ddp_ranks_end_with_identical_weights(tmp_path):
     command = [
-        sys.executable, "-m", "experiments.cli", "fit",
-        "--config", str(REPO / "experiments/configs/tiny/unet.yaml"),
-        "--trainer.default_root_dir", str(tmp_path),
-        "--trainer.accelerator", "cpu",
-        "--trainer.devices", "2",
-        "--trainer.strategy", "ddp",
-        "--trainer.max_steps", "4",
-        "--trainer.val_check_interval", "2",
+        sys.executable,
+        "-m",
+        "experiments.cli",
+        "fit",
+        "--config",
+        str(REPO / "experiments/configs/tiny/unet.yaml"),
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.max_steps",
+        "4",
+        "--trainer.val_check_interval",
+        "2",
         "--trainer.callbacks+=tests.ddp_helpers.SaveTrainableWeights",
     ]
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -80,7 +90,13 @@ def test_frozen_parts_go_to_half_precision_and_trained_weights_stay_fp32():
 def test_true_half_precision_is_refused(tmp_path):
     model = FineTuning()
     data = SyntheticShapesDataModule(n_train=4, n_val=0, image_size=32, batch_size=4)
-    trainer = L.Trainer(accelerator="cpu", precision="bf16-true", max_steps=1, logger=False,
-                        default_root_dir=tmp_path, enable_progress_bar=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        precision="bf16-true",
+        max_steps=1,
+        logger=False,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+    )
     with pytest.raises(ValueError, match="bf16-mixed"):
         trainer.fit(model, data)
