@@ -66,6 +66,21 @@ class MedsdCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
+class _ParseOnlyCLI(MedsdCLI):
+    def instantiate_classes(self) -> None:
+        """Nothing is built: no weights are loaded, no data is read."""
+
+
+def parse_config(*args: str):
+    """Compose and validate a `fit` configuration against the code, without building anything.
+
+    `parse_config("--config", "a.yaml", "--model.init_args.optimizer.lr", "1e-4")` returns the
+    resolved namespace; unknown keys, wrong types or a missing class raise `SystemExit` with
+    jsonargparse's message, exactly as `medsd fit` would before it starts.
+    """
+    return _ParseOnlyCLI(args=list(args), run=False).config
+
+
 def main(argv: list[str] | None = None) -> None:
     MedsdCLI(args=argv)  # None: LightningCLI reads sys.argv itself
 

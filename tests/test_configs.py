@@ -1,0 +1,70 @@
+"""Every YAML file under experiments/ is loaded and validated against the code."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from experiments.cli import parse_config
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+YAML_FILES = sorted(EXPERIMENTS.rglob("*.yaml"))
+
+
+def is_run_config(path: Path) -> bool:
+    """A full run configuration names a model; other YAML files are groups it includes."""
+    return "model" in (yaml.safe_load(path.read_text()) or {})
+
+
+RUN_CONFIGS = [p for p in YAML_FILES if is_run_config(p)]
+
+
+def test_the_experiments_folder_has_configs():
+    assert {p.stem for p in RUN_CONFIGS} >= {
+        "textual_inversion",
+        "unet",
+        "lora",
+        "text_encoder",
+        "domain_text_encoder",
+    }
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: str(p.relative_to(EXPERIMENTS)))
+def test_run_config_validates(path):
+    config = parse_config("--config", str(path))
+    assert config.model.class_path.startswith("lightning_modules.")
+    assert config.data.class_path.startswith("datamodules.")
+
+
+def test_every_included_file_is_used_by_a_run_config():
+    # A group file that no run config names would never be validated, so it must not exist.
+    included = set()
+    for path in RUN_CONFIGS:
+        for value in yaml.safe_load(path.read_text()).values():
+            if isinstance(value, str) and value.endswith(".yaml"):
+                included.add((path.parent / value).resolve())
+    orphans = [p for p in YAML_FILES if not is_run_config(p) and p.resolve() not in included]
+    assert not orphans
+
+
+def test_validation_rejects_an_unknown_key(tmp_path):
+    # Guards the test above: a misspelt setting must fail validation, not pass silently.
+    source = EXPERIMENTS / "configs" / "tiny" / "unet.yaml"
+    text = source.read_text().replace("snr_gamma:", "snr_gama:")
+    assert text != source.read_text()
+    bad = tmp_path / "unet.yaml"
+    bad.write_text(text)
+    for name in ("data.yaml", "trainer.yaml"):
+        (tmp_path / name).write_text((source.parent / name).read_text())
+    with pytest.raises(SystemExit):
+        parse_config("--config", str(bad))
+
+
+def test_dotted_overrides_and_later_files_win(tmp_path):
+    override = tmp_path / "override.yaml"
+    override.write_text("model:\n  init_args:\n    optimizer:\n      lr: 0.5\n")
+    unet = str(EXPERIMENTS / "configs" / "tiny" / "unet.yaml")
+    config = parse_config("--config", unet, "--config", str(override), "--trainer.max_steps", "3")
+    assert config.model.init_args.optimizer.lr == 0.5
+    assert config.trainer.max_steps == 3
+    assert config.model.init_args.ema_decay == 0.99  # untouched keys survive the composition
