@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from experiments.cli import MedsdCLI
 from lightning_modules import load_domain_text_pipeline
@@ -99,7 +100,14 @@ def test_unet_export_is_a_diffusers_pipeline_with_only_the_unet_changed(fit):
 def test_run_folder_holds_config_logs_checkpoints_and_export(fit):
     _, root = fit("unet")
     assert (root / "config.yaml").is_file()
-    assert list(root.glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(root), size_guidance={"images": 0})
+    events.Reload()
+    assert {"train/loss", "val/loss"} <= set(events.Tags()["scalars"])
+    grids = events.Images("val/images")
+    # One grid per validation: the sanity check (step 0), then after each of the 3 epochs.
+    assert [g.step for g in grids] == [0, 4, 8, 12]
+    # Two 32-px prompts side by side with make_grid's 2-px padding.
+    assert (grids[-1].width, grids[-1].height) == (2 * 32 + 3 * 2, 32 + 2 * 2)
     checkpoints = sorted(p.name for p in (root / "checkpoints").iterdir())
     assert "last.ckpt" in checkpoints and any(n.startswith("best-") for n in checkpoints)
     assert (root / "export" / "medsd_export.json").is_file()
