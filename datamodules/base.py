@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,10 +22,18 @@ SPLITS = ("train", "val", "test")
 
 @dataclass(frozen=True)
 class Record:
-    """One training example: an image (a file path, or an image already in memory) and its caption."""
+    """One example: an image (a file path, or an image already in memory) and its caption.
+
+    labels: finding name -> value, as the dataset states it: for MIMIC-CXR's CheXpert labels
+        1.0 positive, 0.0 negative, -1.0 uncertain and None for "not mentioned" (a blank cell),
+        kept distinct because papers treat them differently.
+    meta: anything else worth reporting or grouping by (view position, study id, modality, ...).
+    """
 
     image: str | Image.Image
     prompt: str
+    labels: dict[str, float | None] | None = None
+    meta: dict[str, str] | None = None
 
 
 class ImageTextDataset(Dataset):
@@ -93,6 +102,8 @@ class ImageTextDataModule(L.LightningDataModule, ABC):
         self.transform = ImageTransform(image_size, center_crop=center_crop, random_flip=random_flip)
         self.tokenizer = tokenizer
         self._records: dict[str, list[Record]] | None = None
+        # split -> reason -> records left out, for the logs and `medsd inspect-data`.
+        self.dropped: dict[str, Counter] = {split: Counter() for split in SPLITS}
 
     @abstractmethod
     def load_records(self, split: str) -> list[Record]:
@@ -104,6 +115,23 @@ class ImageTextDataModule(L.LightningDataModule, ABC):
             self._records = {split: self.load_records(split) for split in SPLITS}
             counts = ", ".join(f"{len(records)} {split}" for split, records in self._records.items())
             log.info("%s: %s records", type(self).__name__, counts)
+
+    def note_dropped(self, split: str, reason: str, count: int, example: str = "") -> None:
+        """Record (and log) that `count` records of `split` were left out, and why.
+
+        Every policy that drops records goes through here, so no record disappears silently.
+        """
+        if count <= 0:
+            return
+        self.dropped[split][reason] += count
+        log.warning(
+            "%s: dropped %d %s record(s): %s%s",
+            type(self).__name__,
+            count,
+            split,
+            reason,
+            f" (e.g. {example})" if example else "",
+        )
 
     def records(self, split: str) -> list[Record]:
         self.setup()
