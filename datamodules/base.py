@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import math
 from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -50,7 +51,13 @@ class ImageTextDataset(Dataset):
             img = to_rgb(record.image)
         else:
             img = load_image(record.image, draft_size=self.transform.size)
-        return {"pixel_values": self.transform(img), "prompt": record.prompt}
+        return with_labels({"pixel_values": self.transform(img), "prompt": record.prompt}, record)
+
+
+def with_labels(example: dict[str, Any], record: Record) -> dict[str, Any]:
+    if record.labels is not None:
+        example["labels"] = record.labels
+    return example
 
 
 class ImageTextCollate:
@@ -65,12 +72,28 @@ class ImageTextCollate:
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         prompts = [e["prompt"] for e in examples]
-        batch = {"pixel_values": torch.stack([e["pixel_values"] for e in examples]), "prompts": prompts}
+        batch: dict[str, Any] = {"prompts": prompts}
+        # Images, or what a prepared cache holds in their place (latents, text embeddings).
+        for key in ("pixel_values", "latent_mean", "latent_std", "prompt_embeds"):
+            if key in examples[0]:
+                batch[key] = torch.stack([e[key] for e in examples])
+        if "labels" in examples[0]:
+            batch["label_names"], batch["labels"] = stack_labels([e["labels"] for e in examples])
         if self.tokenizer is not None:
             tokens = self.tokenizer(prompts)
             batch["input_ids"] = tokens["input_ids"]
             batch["attention_mask"] = tokens["attention_mask"]
         return batch
+
+
+def stack_labels(labels: list[dict[str, float | None]]) -> tuple[list[str], torch.Tensor]:
+    """Label dicts -> (names, float tensor [B, L]); "not mentioned" (None) becomes NaN, so it
+    stays distinct from 0 (negative) and -1 (uncertain)."""
+    names = list(labels[0])
+    if any(list(row) != names for row in labels):
+        raise ValueError(f"examples in one batch carry different label names: {names} vs others")
+    values = [[math.nan if row[n] is None else float(row[n]) for n in names] for row in labels]
+    return names, torch.tensor(values, dtype=torch.float32)
 
 
 class ImageTextDataModule(L.LightningDataModule, ABC):
@@ -84,6 +107,18 @@ class ImageTextDataModule(L.LightningDataModule, ABC):
         its text encoder's tokenizer; it is read when the loaders are built.
     An empty "val" split validates on the training records (with a warning); an empty "test"
     split is an error, since testing on training images would report a meaningless score.
+
+    Args:
+        image_size: side of the square training images.
+        center_crop: resize the shorter side and crop the centre (False: a random crop).
+        pad_to_square: resize the longer side and pad with black instead of cropping.
+        random_flip: horizontal flips as augmentation. Off by default: wrong for chest X-rays.
+        long_prompts: prompts longer than the text encoder's limit (CLIP: 77 tokens) are
+            "truncate"d (the encoder sees their beginning), "drop"ped, or an "error"; counted
+            and logged either way. Applied once a tokenizer is attached.
+        cache_dir: a folder written by `medsd prepare`: training then reads resized images,
+            VAE latents and (for a frozen text encoder) text embeddings from it.
+        num_workers: DataLoader worker processes.
     """
 
     def __init__(
@@ -92,16 +127,28 @@ class ImageTextDataModule(L.LightningDataModule, ABC):
         batch_size: int = 4,
         num_workers: int = 0,
         center_crop: bool = True,
+        pad_to_square: bool = False,
         random_flip: bool = False,
+        long_prompts: Literal["truncate", "drop", "error"] = "truncate",
+        cache_dir: str | None = None,
         tokenizer: Any = None,
     ):
         super().__init__()
+        if long_prompts not in ("truncate", "drop", "error"):
+            raise ValueError(f"long_prompts must be 'truncate', 'drop' or 'error', got {long_prompts!r}")
         self.image_size = image_size
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.transform = ImageTransform(image_size, center_crop=center_crop, random_flip=random_flip)
+        self.transform = ImageTransform(
+            image_size, center_crop=center_crop, random_flip=random_flip, pad_to_square=pad_to_square
+        )
+        self.long_prompts = long_prompts
+        self.cache_dir = cache_dir
         self.tokenizer = tokenizer
         self._records: dict[str, list[Record]] | None = None
+        self._usable: dict[str, list[Record]] = {}
+        # split -> prompts the text encoder sees only the beginning of (long_prompts="truncate").
+        self.truncated: Counter = Counter()
         # split -> reason -> records left out, for the logs and `medsd inspect-data`.
         self.dropped: dict[str, Counter] = {split: Counter() for split in SPLITS}
 
@@ -137,16 +184,59 @@ class ImageTextDataModule(L.LightningDataModule, ABC):
         self.setup()
         return self._records[split]
 
+    def usable_records(self, split: str) -> list[Record]:
+        """The records of `split` after the long-prompt policy: what the loaders serve.
+
+        Without a tokenizer, prompt lengths are unknown and the records are returned as they are.
+        """
+        if self.tokenizer is None or not hasattr(self.tokenizer, "lengths"):
+            return self.records(split)
+        if split not in self._usable:
+            self._usable[split] = self._apply_prompt_policy(split, self.records(split))
+        return self._usable[split]
+
+    def _apply_prompt_policy(self, split: str, records: list[Record]) -> list[Record]:
+        limit = self.tokenizer.max_length
+        lengths = self.tokenizer.lengths([r.prompt for r in records]) if records else []
+        too_long = [i for i, n in enumerate(lengths) if n > limit]
+        if not too_long:
+            return records
+        first = records[too_long[0]].prompt
+        example = f"{first[:60]!r}... ({lengths[too_long[0]]} tokens)"
+        reason = f"prompt longer than the text encoder's {limit} tokens"
+        if self.long_prompts == "error":
+            raise ValueError(
+                f"{type(self).__name__}: {len(too_long)} of {len(records)} {split} prompts are longer than "
+                f"the text encoder's {limit} tokens, e.g. {example}; set long_prompts to 'truncate' or 'drop'"
+            )
+        if self.long_prompts == "drop":
+            self.note_dropped(split, reason, len(too_long), example)
+            skip = set(too_long)
+            return [r for i, r in enumerate(records) if i not in skip]
+        self.truncated[split] = len(too_long)
+        log.warning(
+            "%s: %d of %d %s prompts are truncated to the text encoder's %d tokens, e.g. %s",
+            type(self).__name__,
+            len(too_long),
+            len(records),
+            split,
+            limit,
+            example,
+        )
+        return records
+
     def train_dataloader(self) -> DataLoader:
-        records = self.records("train")
+        records = self.usable_records("train")
         if not records:
             raise ValueError(f"{type(self).__name__} has no training records")
-        return self._loader(records, shuffle=True)
+        return self._loader(records, shuffle=True, split="train")
 
     def val_dataloader(self) -> DataLoader:
-        records = self.records("val")
+        split = "val"
+        records = self.usable_records(split)
         if not records:
-            records = self.records("train")
+            split = "train"
+            records = self.usable_records(split)
             if not records:
                 raise ValueError(f"{type(self).__name__} has neither validation nor training records")
             log.warning(
@@ -155,17 +245,34 @@ class ImageTextDataModule(L.LightningDataModule, ABC):
                 type(self).__name__,
                 len(records),
             )
-        return self._loader(records, shuffle=False)
+        return self._loader(records, shuffle=False, split=split)
 
     def test_dataloader(self) -> DataLoader:
-        records = self.records("test")
+        records = self.usable_records("test")
         if not records:
             raise ValueError(f"{type(self).__name__} has no test records (in a CSV: rows with split 'test')")
-        return self._loader(records, shuffle=False)
+        return self._loader(records, shuffle=False, split="test")
 
-    def _loader(self, records: list[Record], shuffle: bool) -> DataLoader:
+    def dataset(self, records: list[Record], split: str) -> Dataset:
+        """The examples of `records`: decoded and transformed images, or the prepared cache's."""
+        if self.cache_dir is None:
+            return ImageTextDataset(records, self.transform)
+        from .cache import PreparedCache  # the cache module needs nothing unless a cache is used
+
+        return PreparedCache(self.cache_dir).dataset(split, records, self.transform_settings())
+
+    def transform_settings(self) -> dict[str, Any]:
+        """What the images of a prepared cache must have been made with to be reused."""
+        if not self.transform.deterministic:
+            raise ValueError(
+                "a prepared cache holds one fixed version of every image: it cannot be used with random "
+                "crops or flips (set center_crop true and random_flip false)"
+            )
+        return {"image_size": self.image_size, "steps": repr(self.transform.steps)}
+
+    def _loader(self, records: list[Record], shuffle: bool, split: str) -> DataLoader:
         return DataLoader(
-            ImageTextDataset(records, self.transform),
+            self.dataset(records, split),
             batch_size=self.batch_size,
             shuffle=shuffle,
             drop_last=False,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import pandas as pd
 
@@ -48,20 +48,9 @@ class CSVImageTextDataModule(ImageTextDataModule):
         image_root: str | None = None,
         empty_prompts: Literal["error", "drop"] = "error",
         image_size: int = 512,
-        batch_size: int = 4,
-        num_workers: int = 0,
-        center_crop: bool = True,
-        random_flip: bool = False,
-        tokenizer: Any = None,
+        **kwargs,
     ):
-        super().__init__(
-            image_size=image_size,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            center_crop=center_crop,
-            random_flip=random_flip,
-            tokenizer=tokenizer,
-        )
+        super().__init__(image_size=image_size, **kwargs)  # batch_size, ...: see ImageTextDataModule
         if empty_prompts not in ("error", "drop"):
             raise ValueError(f"empty_prompts must be 'error' or 'drop', got {empty_prompts!r}")
         self.source = Path(source)

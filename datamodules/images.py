@@ -54,18 +54,27 @@ class ImageTransform:
     """RGB image -> float tensor [3, size, size] in [-1, 1], the range Stable Diffusion's VAE expects.
 
     The shorter side is resized to `size` (bicubic, antialiased), then a centre crop (or a random
-    one, as augmentation) makes it square. Horizontal flips are off by default: flipping a chest
-    X-ray moves left-sided findings to the right (and the heart with them), contradicting its caption.
+    one, as augmentation) makes it square. With `pad_to_square`, the longer side is resized to
+    `size` instead and black borders make it square, so nothing at the edges is cut off (endoscopy
+    frames, wide CT slices; MSDM pads). Horizontal flips are off by default: flipping a chest X-ray
+    moves left-sided findings to the right (and the heart with them), contradicting its caption.
     """
 
-    def __init__(self, size: int, center_crop: bool = True, random_flip: bool = False):
+    def __init__(
+        self, size: int, center_crop: bool = True, random_flip: bool = False, pad_to_square: bool = False
+    ):
         self.size = size
-        steps = [
-            v2.ToImage(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-            v2.CenterCrop(size) if center_crop else v2.RandomCrop(size),
-        ]
+        self.deterministic = (center_crop or pad_to_square) and not random_flip
+        bicubic = v2.InterpolationMode.BICUBIC
+        if pad_to_square:
+            # CenterCrop pads with zeros (black) where the image is smaller than the crop.
+            fit = [v2.Resize(None, max_size=size, interpolation=bicubic, antialias=True), v2.CenterCrop(size)]
+        else:
+            fit = [
+                v2.Resize(size, interpolation=bicubic, antialias=True),
+                v2.CenterCrop(size) if center_crop else v2.RandomCrop(size),
+            ]
+        steps = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), *fit]
         if random_flip:
             steps.append(v2.RandomHorizontalFlip())
         self.steps = v2.Compose(steps)

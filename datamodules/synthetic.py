@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from itertools import product
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -71,20 +70,9 @@ class SyntheticShapesDataModule(ImageTextDataModule):
         n_val: int = 4,
         seed: int = 0,
         image_size: int = 32,
-        batch_size: int = 4,
-        num_workers: int = 0,
-        center_crop: bool = True,
-        random_flip: bool = False,
-        tokenizer: Any = None,
+        **kwargs,
     ):
-        super().__init__(
-            image_size=image_size,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            center_crop=center_crop,
-            random_flip=random_flip,
-            tokenizer=tokenizer,
-        )
+        super().__init__(image_size=image_size, **kwargs)  # batch_size, ...: see ImageTextDataModule
         self.n_train = n_train
         self.n_val = n_val
         self.seed = seed

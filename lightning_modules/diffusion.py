@@ -21,6 +21,8 @@ from diffusers.training_utils import EMAModel
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
+from datamodules.cache import CacheMismatchError, PreparedCache
+
 from .backbones import BackboneSpec, build_sampler, load_backbone
 from .export import atomic_directory, write_manifest
 from .objectives import (
@@ -100,6 +102,7 @@ class DiffusionModule(L.LightningModule):
         self.strict_loading = False
         self.ema: EMAModel | None = None
         self._vae_dtype = torch.float32
+        self._cached_text = False  # set in setup() when a prepared cache's embeddings fit this run
 
     # --- what strategies define ---------------------------------------------------------
 
@@ -144,8 +147,24 @@ class DiffusionModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and getattr(datamodule, "tokenizer", "absent") is None:
             datamodule.tokenizer = self.prompt_tokenizer  # tokenise in the DataLoader workers
+        if getattr(datamodule, "cache_dir", None):
+            self._check_cache(PreparedCache(datamodule.cache_dir))
         if self.ema_decay is not None and self.ema is None:
             self.ema = EMAModel(trainable_parameters(self), decay=self.ema_decay)
+
+    def _check_cache(self, cache: PreparedCache) -> None:
+        prepared, here = cache.manifest["model"], self.cache_identity()
+        has_latents = any(split["latents"] for split in cache.manifest["splits"].values())
+        if has_latents and prepared.get("backbone") != here["backbone"]:
+            raise CacheMismatchError(
+                f"the latents in {cache.root} come from {prepared.get('backbone')}, this run's model is "
+                f"{here['backbone']}: prepare the cache again with this run's config"
+            )
+        self._cached_text = here["text"] is not None and prepared.get("text") == here["text"]
+        if prepared.get("text") and not self._cached_text:
+            log.info(
+                "ignoring the cached text embeddings in %s: this run's text conditioning differs", cache.root
+            )
 
     def on_fit_start(self) -> None:
         precision = str(self.trainer.precision)
@@ -170,12 +189,63 @@ class DiffusionModule(L.LightningModule):
     # --- loss ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] -> scaled VAE latents in fp32 (the VAE never sees autocast)."""
+    def latent_posterior(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images in [-1, 1] -> the VAE posterior's mean and std, fp32 (the VAE never sees autocast)."""
         with torch.autocast(self.device.type, enabled=False):
-            x = pixel_values.to(self.device, self._vae_dtype)
-            latents = self.vae.encode(x).latent_dist.sample()
-        return (latents.float() - self._latent_shift) * self.vae.config.scaling_factor
+            posterior = self.vae.encode(pixel_values.to(self.device, self._vae_dtype)).latent_dist
+        return posterior.mean.float(), posterior.std.float()
+
+    def sample_latents(
+        self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """A draw from the posterior, shifted and scaled into the U-Net's latent space."""
+        eps = torch.randn(mean.shape, generator=generator).to(mean)
+        return (mean + std * eps - self._latent_shift) * self.vae.config.scaling_factor
+
+    def batch_latents(self, batch: dict, generator: torch.Generator | None) -> torch.Tensor:
+        """Latents of a batch of images, or of a prepared cache's posteriors (`medsd prepare`)."""
+        if "latent_mean" in batch:
+            mean, std = batch["latent_mean"].float(), batch["latent_std"].float()
+        else:
+            mean, std = self.latent_posterior(batch["pixel_values"])
+        return self.sample_latents(mean, std, generator)
+
+    def text_conditioning_is_frozen(self) -> bool:
+        """True when nothing between the prompt and the U-Net trains, so text embeddings can be cached."""
+        return not any(p.requires_grad for p in self.text_encoder.parameters())
+
+    def cache_identity(self) -> dict:
+        """What a prepared cache's latents and text embeddings must come from to be reused here."""
+        spec = self.backbone_spec
+        text = None
+        if self.text_conditioning_is_frozen():
+            tokenizer = self.prompt_tokenizer
+            text = {
+                "template": tokenizer.template,
+                "replacements": tokenizer.replacements,
+                "max_length": tokenizer.max_length,
+            }
+        return {"backbone": f"{spec.name_or_path}@{spec.revision}", "text": text}
+
+    def batch_conditioning(
+        self, batch: dict, generator: torch.Generator | None, caption_dropout: float
+    ) -> torch.Tensor:
+        if "prompt_embeds" in batch and self._cached_text:
+            embeds = batch["prompt_embeds"]
+            if caption_dropout > 0:
+                uncond = self.encode_prompts([""], unconditional=True)
+                embeds = drop_captions(embeds, uncond.to(embeds), caption_dropout, generator)
+            return embeds
+        if "input_ids" not in batch:
+            raise KeyError(
+                "the batch has no 'input_ids': give the DataModule this module's "
+                "prompt_tokenizer (medsd's Trainer setup does this automatically)"
+            )
+        input_ids = batch["input_ids"]
+        if caption_dropout > 0:
+            uncond = self.prompt_tokenizer.unconditional()["input_ids"][0]
+            input_ids = drop_captions(input_ids, uncond, caption_dropout, generator)
+        return self.encode_text(input_ids, batch["attention_mask"])
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -192,13 +262,8 @@ class DiffusionModule(L.LightningModule):
     def diffusion_step(
         self, batch: dict, generator: torch.Generator | None, caption_dropout: float
     ) -> torch.Tensor:
-        if "input_ids" not in batch:
-            raise KeyError(
-                "the batch has no 'input_ids': give the DataModule this module's "
-                "prompt_tokenizer (medsd's Trainer setup does this automatically)"
-            )
         obj = self.objective
-        latents = self.encode_images(batch["pixel_values"])
+        latents = self.batch_latents(batch, generator)
         noise = sample_noise(latents, obj.noise_offset, generator)
         timesteps = sample_timesteps(
             latents.shape[0],
@@ -209,11 +274,7 @@ class DiffusionModule(L.LightningModule):
             generator,
         )
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        input_ids = batch["input_ids"]
-        if caption_dropout > 0:
-            uncond = self.prompt_tokenizer.unconditional()["input_ids"][0]
-            input_ids = drop_captions(input_ids, uncond, caption_dropout, generator)
-        conditioning = self.encode_text(input_ids, batch["attention_mask"])
+        conditioning = self.batch_conditioning(batch, generator, caption_dropout)
         prediction = self.unet(noisy, timesteps, conditioning).sample
         target = prediction_target(self.noise_scheduler, latents, noise, timesteps)
         weights = None

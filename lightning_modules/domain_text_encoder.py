@@ -67,6 +67,9 @@ class DomainTextEncoderFineTuning(DiffusionModule):
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return project(self.text_encoder, self.projection, input_ids, attention_mask)
 
+    def text_conditioning_is_frozen(self) -> bool:
+        return False  # the projection always trains
+
     def parameter_groups(self) -> list[dict]:
         text_group = {"params": trainable_parameters(self.text_encoder)}
         if self.text_encoder_lr is not None:

@@ -90,11 +90,12 @@ def drop_captions(
     """Replace each caption by the empty prompt with `probability`.
 
     Training on some unconditional examples is what lets classifier-free guidance work at
-    sampling time. `unconditional_ids` is the tokenised empty prompt, shape [L] or [1, L].
+    sampling time. `input_ids` are token ids [B, L] (or cached text embeddings [B, L, D]) and
+    `unconditional_ids` the empty prompt's, shape [L] or [1, L] (or [L, D] / [1, L, D]).
     """
     if probability <= 0:
         return input_ids
     drop = torch.rand(input_ids.shape[0], generator=generator) < probability
-    drop = drop.to(input_ids.device)
-    empty = unconditional_ids.reshape(1, -1).to(input_ids)
-    return torch.where(drop[:, None], empty, input_ids)
+    drop = drop.to(input_ids.device).view(-1, *[1] * (input_ids.dim() - 1))
+    empty = unconditional_ids.reshape(1, *input_ids.shape[1:]).to(input_ids)
+    return torch.where(drop, empty, input_ids)

@@ -13,7 +13,8 @@ class PromptTokenizer:
         textual-inversion placeholder in front of each caption.
     replacements: word -> words substitutions applied after the template, e.g. a multi-vector
         placeholder `<x>` -> `<x> <x>_1 <x>_2` (what diffusers' pipelines do at sampling time).
-    Prompts longer than `max_length` tokens are truncated (the CLIP limit is 77).
+    Prompts longer than `max_length` tokens are truncated (the CLIP limit is 77); the DataModules'
+    `long_prompts` policy decides beforehand whether that is acceptable.
     """
 
     def __init__(
@@ -38,6 +39,11 @@ class PromptTokenizer:
 
     def __call__(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         return self.encode([self.expand(p) for p in prompts])
+
+    def lengths(self, prompts: list[str]) -> list[int]:
+        """Tokens per prompt after the template, special tokens included, before truncation."""
+        ids = self.tokenizer([self.expand(p) for p in prompts], truncation=False, verbose=False)["input_ids"]
+        return [len(row) for row in ids]
 
     def unconditional(self, n: int = 1) -> dict[str, torch.Tensor]:
         """The empty prompt, untouched by the template: what guidance contrasts against."""

@@ -1,0 +1,176 @@
+"""The prepared cache: resized images, VAE latents and text embeddings computed once.
+
+Decoding a 2,500-px radiograph and running the frozen VAE and text encoder on it every epoch
+costs more than the U-Net step it feeds. `medsd prepare` computes these once per split, and a
+DataModule with `cache_dir` serves them instead. Layout of a cache folder:
+
+    cache.json                      what was cached, from which records, model and transform
+    <split>/images/00000000.png     the transformed image (uint8, exactly the training size)
+    <split>/latent_mean.npy         VAE posterior mean and std [N, C, h, w]: training still
+    <split>/latent_std.npy          draws a fresh latent sample every epoch, as without a cache
+    <split>/prompt_embeds.npy       text encoder output [N, L, D], only for a frozen text encoder
+
+The arrays are memory-mapped, so workers read only the rows they serve. `cache.json` is written
+last and the folder appears whole (see `atomic_directory`), so a half-written cache is never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .base import Record, with_labels
+
+MANIFEST = "cache.json"
+VERSION = 1
+
+
+class CacheMismatchError(ValueError):
+    """The cache was prepared from other records, another transform or another model."""
+
+
+def records_fingerprint(records: list[Record]) -> str:
+    """A digest of the records' images and prompts, in order: a cache is only valid for them."""
+    digest = hashlib.sha256()
+    for record in records:
+        if isinstance(record.image, Image.Image):
+            image_id = hashlib.sha1(record.image.tobytes()).hexdigest()
+        else:
+            image_id = str(record.image)
+        digest.update(f"{image_id}\t{record.prompt}\n".encode())
+    return digest.hexdigest()
+
+
+def image_path(split_dir: Path, index: int) -> Path:
+    return split_dir / "images" / f"{index:08d}.png"
+
+
+def tensor_to_png(pixels: torch.Tensor) -> Image.Image:
+    """[3, H, W] in [-1, 1] -> 8-bit RGB image (the inverse of `png_to_tensor` up to rounding)."""
+    array = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return Image.fromarray(array.permute(1, 2, 0).cpu().numpy())
+
+
+def png_to_tensor(path: Path) -> torch.Tensor:
+    with Image.open(path) as img:
+        array = np.asarray(img.convert("RGB"))
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1)
+
+
+class PreparedCache:
+    """Read side of a cache folder."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        path = self.root / MANIFEST
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no prepared cache at {self.root} ({MANIFEST} missing): run "
+                f"`medsd prepare --config <run config> --out {self.root}` first, or unset data.cache_dir"
+            )
+        self.manifest: dict[str, Any] = json.loads(path.read_text())
+        if self.manifest.get("version") != VERSION:
+            raise CacheMismatchError(
+                f"{path} has cache version {self.manifest.get('version')}, not {VERSION}"
+            )
+
+    def dataset(self, split: str, records: list[Record], transform: dict[str, Any]) -> CachedDataset:
+        """The examples of `split`, checked against what the cache was made from."""
+        where = f"the cache at {self.root}"
+        if self.manifest["transform"] != transform:
+            raise CacheMismatchError(
+                f"{where} was prepared with image transform {self.manifest['transform']}, this run "
+                f"uses {transform}: prepare it again"
+            )
+        entry = self.manifest["splits"].get(split)
+        if entry is None:
+            raise CacheMismatchError(
+                f"{where} has no '{split}' split (it has {sorted(self.manifest['splits'])})"
+            )
+        if entry["n"] != len(records) or entry["fingerprint"] != records_fingerprint(records):
+            raise CacheMismatchError(
+                f"{where} was prepared from {entry['n']} '{split}' records that differ from this run's "
+                f"{len(records)} (data or its filters changed): prepare it again"
+            )
+        return CachedDataset(self.root / split, records, entry["latents"], entry["prompt_embeds"])
+
+
+class CachedDataset(Dataset):
+    """Examples from a cache: latents in place of images when cached, else the resized images."""
+
+    def __init__(self, split_dir: Path, records: list[Record], latents: bool, prompt_embeds: bool):
+        self.split_dir = split_dir
+        self.records = records
+        self.names = (["latent_mean", "latent_std"] if latents else []) + (
+            ["prompt_embeds"] if prompt_embeds else []
+        )
+        self._arrays: dict[str, np.ndarray] | None = None  # opened in each worker, not pickled
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if self._arrays is None:
+            self._arrays = {n: np.load(self.split_dir / f"{n}.npy", mmap_mode="r") for n in self.names}
+        example: dict[str, Any] = {"prompt": self.records[index].prompt}
+        for name, array in self._arrays.items():
+            example[name] = torch.from_numpy(np.array(array[index], dtype=np.float32))
+        if "latent_mean" not in example:
+            example["pixel_values"] = png_to_tensor(image_path(self.split_dir, index))
+        return with_labels(example, self.records[index])
+
+
+class CacheWriter:
+    """Write side: one split at a time, rows in record order, manifest at the end."""
+
+    def __init__(self, root: Path, transform: dict[str, Any], model: dict[str, Any], dtype: str):
+        self.root = Path(root)
+        self.dtype = np.dtype(dtype)
+        self.manifest: dict[str, Any] = {
+            "version": VERSION,
+            "transform": transform,
+            "model": model,
+            "dtype": dtype,
+            "splits": {},
+        }
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def start_split(self, split: str, records: list[Record]) -> None:
+        self.split, self.n = split, len(records)
+        (self.root / split / "images").mkdir(parents=True, exist_ok=True)
+        self._arrays = {}
+        self.manifest["splits"][split] = {
+            "n": len(records),
+            "fingerprint": records_fingerprint(records),
+            "latents": False,
+            "prompt_embeds": False,
+        }
+
+    def write(self, start: int, pixels: torch.Tensor, **arrays: torch.Tensor) -> None:
+        """Rows `start .. start + len(pixels)`: images, and any of latent_mean, latent_std, prompt_embeds."""
+        for i, image in enumerate(pixels):
+            tensor_to_png(image).save(image_path(self.root / self.split, start + i))
+        for name, values in arrays.items():
+            if name not in self._arrays:
+                self._arrays[name] = np.lib.format.open_memmap(
+                    self.root / self.split / f"{name}.npy",
+                    mode="w+",
+                    dtype=self.dtype,
+                    shape=(self.n, *values.shape[1:]),
+                )
+                key = "prompt_embeds" if name == "prompt_embeds" else "latents"
+                self.manifest["splits"][self.split][key] = True
+            self._arrays[name][start : start + len(values)] = values.float().cpu().numpy()
+
+    def finish(self) -> None:
+        for array in self._arrays.values():
+            array.flush()
+        self._arrays = {}
+        (self.root / MANIFEST).write_text(json.dumps(self.manifest, indent=2, sort_keys=True) + "\n")
