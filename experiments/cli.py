@@ -1,4 +1,5 @@
-"""The `medsd` command: `medsd fit|validate|test` through LightningCLI.
+"""The `medsd` command: `medsd fit|validate|test` through LightningCLI, plus medsd's own commands
+(`prepare`, `inspect-data`, `phantoms`; see COMMANDS).
 
 Config files compose (`--config a.yaml --config b.yaml`, later wins), any key can be overridden
 with a dotted flag (`--model.init_args.optimizer.lr 5e-5`), and `--print_config` shows the result.
@@ -7,6 +8,11 @@ the TensorBoard logs, `checkpoints/` (last and best by validation loss) and `exp
 """
 
 from __future__ import annotations
+
+import importlib
+import sys
+import warnings
+from contextlib import contextmanager
 
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -66,6 +72,14 @@ class MedsdCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
+@contextmanager
+def _in_process():
+    """Silence LightningCLI's warning about explicit args next to sys.argv: here they are meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "LightningCLI's args parameter", UserWarning)
+        yield
+
+
 class _ParseOnlyCLI(MedsdCLI):
     def instantiate_classes(self) -> None:
         """Nothing is built: no weights are loaded, no data is read."""
@@ -78,11 +92,47 @@ def parse_config(*args: str):
     resolved namespace; unknown keys, wrong types or a missing class raise `SystemExit` with
     jsonargparse's message, exactly as `medsd fit` would before it starts.
     """
-    return _ParseOnlyCLI(args=list(args), run=False).config
+    with _in_process():
+        return _ParseOnlyCLI(args=list(args), run=False).config
+
+
+class _BuildCLI(MedsdCLI):
+    def instantiate_classes(self) -> None:
+        """The model and the data only: no Trainer, no run folder."""
+        self.config_init = self.parser.instantiate_classes(self.config)
+        self.model = self._get(self.config_init, "model")
+        self.datamodule = self._get(self.config_init, "data")
+
+
+def build_from_config(args: list[str]) -> tuple[DiffusionModule, ImageTextDataModule]:
+    """The model and DataModule that `medsd fit <args>` would train."""
+    with _in_process():
+        cli = _BuildCLI(args=list(args), run=False)
+    return cli.model, cli.datamodule
+
+
+def build_datamodule(args: list[str]) -> ImageTextDataModule:
+    """Only the DataModule of a run config: no weights are loaded."""
+    data = parse_config(*args).data
+    module, _, name = data.class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)(**data.init_args.as_dict())
+
+
+# medsd's own commands: name -> the module whose main(argv) runs it, imported only when used.
+COMMANDS = {
+    "prepare": "experiments.prepare",
+    "inspect-data": "experiments.inspect_data",
+    "phantoms": "experiments.phantoms",
+}
 
 
 def main(argv: list[str] | None = None) -> None:
-    MedsdCLI(args=argv)  # None: LightningCLI reads sys.argv itself
+    """`medsd fit|validate|test` (LightningCLI) and medsd's own `prepare`, `inspect-data`, `phantoms`."""
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in COMMANDS:
+        importlib.import_module(COMMANDS[args[0]]).main(args[1:])
+    else:
+        MedsdCLI(args=argv)  # None: LightningCLI reads sys.argv itself
 
 
 if __name__ == "__main__":
