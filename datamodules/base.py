@@ -197,7 +197,7 @@ class ImageTextDataModule(L.LightningDataModule, ABC):
 
     def _apply_prompt_policy(self, split: str, records: list[Record]) -> list[Record]:
         limit = self.tokenizer.max_length
-        lengths = self.tokenizer.lengths([r.prompt for r in records]) if records else []
+        lengths = self.tokenizer.lengths([r.prompt for r in records])
         too_long = [i for i, n in enumerate(lengths) if n > limit]
         if not too_long:
             return records

@@ -42,6 +42,8 @@ class PromptTokenizer:
 
     def lengths(self, prompts: list[str]) -> list[int]:
         """Tokens per prompt after the template, special tokens included, before truncation."""
+        if not prompts:
+            return []  # the fast tokenizers fail on an empty batch
         ids = self.tokenizer([self.expand(p) for p in prompts], truncation=False, verbose=False)["input_ids"]
         return [len(row) for row in ids]
 
