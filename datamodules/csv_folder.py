@@ -10,19 +10,10 @@ from typing import Literal
 import pandas as pd
 
 from .base import SPLITS, ImageTextDataModule, Record
+from .images import IMAGE_SUFFIXES
+from .tables import SPLIT_NAMES, some_items
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
-# Spellings accepted in the CSV's `split` column (compared case-insensitively).
-SPLIT_NAMES = {
-    "train": "train",
-    "val": "val",
-    "valid": "val",
-    "validate": "val",
-    "validation": "val",
-    "test": "test",
-}
 
 
 class CSVImageTextDataModule(ImageTextDataModule):
@@ -88,7 +79,7 @@ class CSVImageTextDataModule(ImageTextDataModule):
             if unknown.any():
                 raise ValueError(
                     f"{path}: unknown split value(s) {sorted(set(table.loc[unknown, 'split']))} on line(s) "
-                    f"{_some(table.loc[unknown, 'line'])}; expected train, val (or validate, valid, "
+                    f"{some_items(table.loc[unknown, 'line'])}; expected train, val (or validate, valid, "
                     "validation) or test"
                 )
             table["split"] = splits
@@ -97,7 +88,7 @@ class CSVImageTextDataModule(ImageTextDataModule):
 
         table["prompt"] = table["prompt"].str.strip()
         empty = table["prompt"] == ""
-        self._handle_empty(f"line(s) {_some(table.loc[empty, 'line'])}", empty.sum(), len(table), path)
+        self._handle_empty(f"line(s) {some_items(table.loc[empty, 'line'])}", empty.sum(), len(table), path)
         table = table[~empty]
 
         root = self.image_root or path.parent
@@ -105,7 +96,7 @@ class CSVImageTextDataModule(ImageTextDataModule):
         missing = [p for p in paths if not p.is_file()]
         if missing:
             raise FileNotFoundError(
-                f"{len(missing)} image(s) listed in {path} do not exist: {_some(missing)}"
+                f"{len(missing)} image(s) listed in {path} do not exist: {some_items(missing)}"
             )
 
         records: dict[str, list[Record]] = {split: [] for split in SPLITS}
@@ -123,11 +114,11 @@ class CSVImageTextDataModule(ImageTextDataModule):
         if uncaptioned:
             raise FileNotFoundError(
                 f"{len(uncaptioned)} image(s) in {folder} have no caption file (same name, .txt): "
-                f"{_some(uncaptioned)}"
+                f"{some_items(uncaptioned)}"
             )
         records = [Record(str(p), p.with_suffix(".txt").read_text(encoding="utf-8").strip()) for p in images]
         empty = [Path(r.image).with_suffix(".txt") for r in records if not r.prompt]
-        self._handle_empty(f"caption file(s) {_some(empty)}", len(empty), len(records), folder)
+        self._handle_empty(f"caption file(s) {some_items(empty)}", len(empty), len(records), folder)
         return [r for r in records if r.prompt]
 
     def _handle_empty(self, where: str, n_empty: int, n_total: int, source: Path) -> None:
@@ -136,10 +127,3 @@ class CSVImageTextDataModule(ImageTextDataModule):
         if self.empty_prompts == "error":
             raise ValueError(f"{source}: empty prompt in {where}; fill them in or set empty_prompts='drop'")
         log.warning("%s: dropped %d of %d rows with empty prompts (%s)", source, n_empty, n_total, where)
-
-
-def _some(items, limit: int = 5) -> str:
-    """The first `limit` items, and how many there are in all when that is more."""
-    items = [str(i) for i in items]
-    shown = ", ".join(items[:limit])
-    return shown if len(items) <= limit else f"{shown}, ... ({len(items)} in all)"

@@ -1,14 +1,17 @@
-"""Reading image files into RGB, and turning RGB images into the tensors a VAE encodes."""
+"""Finding and reading image files into RGB, and turning RGB images into the tensors a VAE encodes."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torchvision.transforms import v2
 
+# The endings (lower case) that mark a file as an image, in folders of images and in file names.
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 # Pillow's modes for 16-bit grayscale, plus "I" (32-bit), which older Pillow versions used
 # for 16-bit PNGs: all are read as the 16-bit range 0..65535.
 HIGH_BIT_DEPTH_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
@@ -16,6 +19,12 @@ HIGH_BIT_DEPTH_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
 class ImageLoadError(ValueError):
     """An image file that cannot be decoded: corrupt, truncated or not an image at all."""
+
+
+def existing_names(folder: Path) -> set[str]:
+    """The names of the entries of `folder` (none if it does not exist): one listing instead of a
+    stat per image, which matters for tens of thousands of images on a network file system."""
+    return set(os.listdir(folder)) if folder.is_dir() else set()
 
 
 def load_image(path: str | os.PathLike, draft_size: int | None = None) -> Image.Image:

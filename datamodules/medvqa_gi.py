@@ -17,18 +17,9 @@ from typing import Any, Literal
 import pandas as pd
 
 from .base import SPLITS, ImageTextDataModule, Record
-from .csv_folder import IMAGE_SUFFIXES
-from .rocov2 import (
-    check_choice,
-    drop_or_raise,
-    drop_rows,
-    existing_names,
-    find_hub_files,
-    iter_image_bytes,
-    read_table_columns,
-    require_columns,
-    write_images,
-)
+from .hub_files import find_hub_files, iter_image_bytes, materialise_images, read_table_columns
+from .images import IMAGE_SUFFIXES, existing_names
+from .tables import check_choice, drop_or_raise, drop_rows, require_columns
 
 log = logging.getLogger(__name__)
 
@@ -274,15 +265,8 @@ class MedVQAGIParquetDataModule(MedVQAGIDataModule):
         )
 
     def _locate_images(self, table: pd.DataFrame) -> pd.DataFrame:
-        named = table[table["image"] != ""]
-        for path, rows in named.drop_duplicates(["file", "image"]).groupby("file", sort=False):
-            write_images(
-                path,
-                {row: self.image_dir / name for row, name in zip(rows["row"], rows["image"], strict=True)},
-            )
-        found = table["image"].isin(existing_names(self.image_dir))
-        paths = [str(self.image_dir / name) for name in table["image"]]
-        return table.assign(path=paths, missing=(table["where"] + ": no image bytes").where(~found, ""))
+        paths, missing = materialise_images(table, table["image"], self.image_dir)
+        return table.assign(path=paths, missing=missing)
 
 
 def _prompt_header(path: Path) -> list[str]:

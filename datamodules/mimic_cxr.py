@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 
 from .base import SPLITS, ImageTextDataModule, Record
-from .csv_folder import SPLIT_NAMES, _some
 from .report_sections import Sections, read_sectioned_csv, section_report
+from .tables import SPLIT_NAMES, some_items
 
 log = logging.getLogger(__name__)
 
@@ -178,13 +178,15 @@ class MIMICCXRDataModule(ImageTextDataModule):
         ):
             alone = both.loc[both["_merge"] == side, "dicom_id"]
             if len(alone):
-                raise ValueError(f"{len(alone)} image(s) of {path} are missing from {other}: {_some(alone)}")
+                raise ValueError(
+                    f"{len(alone)} image(s) of {path} are missing from {other}: {some_items(alone)}"
+                )
         for column in ("subject_id", "study_id"):
             differ = both.loc[both[column] != both[f"{column}_split"], "dicom_id"]
             if len(differ):
                 raise ValueError(
                     f"{column} differs between {metadata_path} and {split_path} for {len(differ)} image(s): "
-                    f"{_some(differ)}"
+                    f"{some_items(differ)}"
                 )
         split = both["split"].str.lower().map(SPLIT_NAMES)
         if split.isna().any():
@@ -364,7 +366,7 @@ class MIMICCXRDataModule(ImageTextDataModule):
         if missing and self.missing_images == "error":
             raise FileNotFoundError(
                 f"{len(missing)} {split} image(s) listed in the MIMIC-CXR-JPG metadata do not exist: "
-                f"{_some(missing)}; set missing_images='drop' to leave them out"
+                f"{some_items(missing)}; set missing_images='drop' to leave them out"
             )
         for reason, count in dropped.items():
             self.note_dropped(split, reason, count, examples[reason])
@@ -420,7 +422,7 @@ def _label_dict(values: Sequence[float]) -> dict[str, float | None]:
 def _check_unique(table: pd.DataFrame, keys: list[str], path: Path) -> None:
     repeated = table[table.duplicated(keys, keep=False)]
     if len(repeated):
-        shown = _some(repeated[keys].astype(str).agg("/".join, axis=1).unique())
+        shown = some_items(repeated[keys].astype(str).agg("/".join, axis=1).unique())
         raise ValueError(f"{path}: {'/'.join(keys)} repeated on {len(repeated)} rows: {shown}")
 
 

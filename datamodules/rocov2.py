@@ -2,36 +2,26 @@
 
 Two distributions of the same data are read: the official one (Zenodo: folders of JPEGs and CSV
 files) and the Hugging Face hub's (`eltorio/ROCOv2-radiology`: parquet files embedding the images).
-The helpers for hub exports (parquet or Arrow files with an `image` column of {bytes, path}) and for
-the error-or-drop policies live here too; the MedVQA-GI module uses them as well.
 """
 
 from __future__ import annotations
 
-import bisect
 import logging
-import os
-import re
-from collections.abc import Callable, Iterable, Iterator
-from functools import cached_property, partial
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from .base import ImageTextDataModule, Record
-from .csv_folder import _some
+from .hub_files import hub_files_by_split, materialise_images, read_table_columns
+from .images import existing_names
+from .tables import check_choice, drop_or_raise, drop_rows, read_csv_columns
 
 log = logging.getLogger(__name__)
 
 # This package's split names -> ROCOv2's image folder and CSV file prefix.
 OFFICIAL_SPLITS = {"train": "train", "val": "valid", "test": "test"}
-# How hub exports name their splits (file-name prefix or folder name) -> this package's split names.
-HUB_SPLITS = {"train": "train", "validation": "val", "valid": "val", "val": "val", "test": "test"}
-HUB_SUFFIXES = (".parquet", ".arrow")
 
 
 class ROCOv2DataModule(ImageTextDataModule):
@@ -199,10 +189,7 @@ class ROCOv2ParquetDataModule(ROCOv2DataModule):
 
     @cached_property
     def _files_by_split(self) -> dict[str, list[Path]]:
-        files: dict[str, list[Path]] = {split: [] for split in OFFICIAL_SPLITS}
-        for path in find_hub_files(self.root):
-            files[_hub_split(path)].append(path)
-        return files
+        return hub_files_by_split(self.root)
 
     def _read_split(self, split: str) -> pd.DataFrame:
         frames = []
@@ -229,74 +216,8 @@ class ROCOv2ParquetDataModule(ROCOv2DataModule):
 
     def _locate_images(self, split: str, table: pd.DataFrame) -> pd.DataFrame:
         folder = self.image_dir / OFFICIAL_SPLITS[split]
-        names = table["id"] + ".jpg"
-        for path, rows in table["row"].groupby(table["file"], sort=False):
-            write_images(path, {row: folder / names[i] for i, row in rows.items()})
-        found = names.isin(existing_names(folder))
-        images = [str(folder / name) for name in names]
-        return table.assign(image=images, missing=(table["where"] + ": no image bytes").where(~found, ""))
-
-
-# --- policies and CSV files -----------------------------------------------------------------------
-
-
-def check_choice(name: str, value: str, choices: Iterable[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
-
-
-def drop_or_raise(
-    datamodule: ImageTextDataModule,
-    table: pd.DataFrame,
-    bad: pd.Series,
-    setting: str,
-    reason: str,
-    examples: pd.Series,
-) -> pd.DataFrame:
-    """The rows of `table` not flagged `bad`, or an error naming some of the bad ones (`examples`).
-
-    `setting` names the DataModule's attribute holding the policy, "error" or "drop", so that the
-    error says what to change. A missing image raises FileNotFoundError, anything else ValueError.
-    """
-    count = int(bad.sum())
-    if count and getattr(datamodule, setting) == "error":
-        error = FileNotFoundError if setting == "missing_images" else ValueError
-        raise error(
-            f"{type(datamodule).__name__}: {count} record(s) with {reason}: "
-            f"{_some(examples[bad].unique())}; set {setting}='drop' to leave them out"
-        )
-    return drop_rows(datamodule, table, bad, reason, examples)
-
-
-def drop_rows(
-    datamodule: ImageTextDataModule, table: pd.DataFrame, bad: pd.Series, reason: str, examples: pd.Series
-) -> pd.DataFrame:
-    """The rows of `table` not flagged `bad`; the others are counted per split (the `split` column)
-    through note_dropped, so that no record disappears silently."""
-    for split, rows in examples[bad].groupby(table.loc[bad, "split"], sort=False):
-        datamodule.note_dropped(split, reason, len(rows), str(rows.iloc[0]))
-    return table[~bad]
-
-
-def read_csv_columns(path: Path, columns: list[str], sep: str = ",") -> pd.DataFrame:
-    """A CSV file read as text (no NA parsing: a caption "None" stays that text), checking its columns."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    # utf-8-sig: a byte-order mark, as spreadsheet programs write, must not become part of a column name.
-    table = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    return require_columns(table, columns, path)
-
-
-def require_columns(table: pd.DataFrame, columns: list[str], path: Path) -> pd.DataFrame:
-    table.columns = [str(c).strip() for c in table.columns]
-    missing = [c for c in columns if c not in table.columns]
-    if missing:
-        raise ValueError(_missing_columns(path, missing, list(table.columns)))
-    return table
-
-
-def _missing_columns(path: Path, missing: list[str], found: list[str]) -> str:
-    return f"{path} has no {', '.join(map(repr, missing))} column; columns found: {found}"
+        images, missing = materialise_images(table, table["id"] + ".jpg", folder)
+        return table.assign(image=images, missing=missing)
 
 
 def _roco_id(raw: str) -> str:
@@ -307,164 +228,3 @@ def _roco_id(raw: str) -> str:
 
 def _split_cuis(text: str) -> tuple[str, ...]:
     return tuple(cui.strip() for cui in text.split(";") if cui.strip())
-
-
-# --- Hugging Face exports: parquet and Arrow files embedding the images ----------------------------
-
-
-def find_hub_files(root: Path) -> list[Path]:
-    """The parquet and Arrow files of a downloaded hub dataset: `root` itself or those under it.
-
-    `cache-*.arrow` files are left out: `datasets` writes them beside a saved dataset as the
-    results of map() calls, and they are not part of it.
-    """
-    if root.is_file() and root.suffix in HUB_SUFFIXES:
-        return [root]
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root} does not exist")
-    files = sorted(p for p in root.rglob("*") if p.suffix in HUB_SUFFIXES and not p.name.startswith("cache-"))
-    files = [p for p in files if p.is_file()]
-    if not files:
-        raise FileNotFoundError(f"{root} holds no parquet or Arrow files")
-    return files
-
-
-def _hub_split(path: Path) -> str:
-    """The split a hub file belongs to, from its name (`validation-00000-of-00002.parquet`) or folder."""
-    for name in (path.stem.split("-")[0], path.parent.name):
-        if name.lower() in HUB_SPLITS:
-            return HUB_SPLITS[name.lower()]
-    raise ValueError(
-        f"cannot tell the split of {path}: expected a name (or folder) starting with "
-        f"{', '.join(sorted(HUB_SPLITS))}"
-    )
-
-
-def _open_arrow(path: Path) -> pa.Table:
-    """An Arrow file as a table over a memory map: reading a column copies nothing into memory."""
-    source = pa.memory_map(str(path))
-    try:
-        return pa.ipc.open_file(source).read_all()
-    except pa.ArrowInvalid:  # datasets.save_to_disk writes the stream format, without a footer
-        source.seek(0)
-        return pa.ipc.open_stream(source).read_all()
-
-
-def _schema_names(path: Path) -> list[str]:
-    if path.suffix == ".parquet":
-        return pq.read_schema(path).names
-    return _open_arrow(path).schema.names
-
-
-def read_table_columns(path: Path, columns: list[str], optional: Iterable[str] = ()) -> pd.DataFrame:
-    """Columns of a hub file as a DataFrame; `image` stands for its `path` field, never its bytes.
-
-    The bytes are the bulk of a file: only write_images and iter_image_bytes read them.
-    """
-    names = _schema_names(path)
-    missing = [c for c in columns if c not in names]
-    if missing:
-        raise ValueError(_missing_columns(path, missing, names))
-    wanted = columns + [c for c in optional if c in names]
-    if path.suffix == ".parquet":
-        table = pq.ParquetFile(path).read(
-            columns=[_image_path_column(path) if c == "image" else c for c in wanted]
-        )
-    else:
-        table = _open_arrow(path).select(wanted)
-    data = {c: _image_paths(table.column(c)) if c == "image" else table.column(c).to_pylist() for c in wanted}
-    # Object columns: a missing value stays None, where pandas would make it NaN in a text column.
-    return pd.DataFrame(data, dtype=object)
-
-
-def _image_path_column(path: Path) -> str:
-    """The parquet column path that reads an `image` struct's `path` field alone (not its bytes)."""
-    kind = pq.read_schema(path).field("image").type
-    return "image.path" if _is_struct_with(kind, "path") else "image"
-
-
-def _is_struct_with(kind: Any, field: str) -> bool:
-    return pa.types.is_struct(kind) and kind.get_field_index(field) >= 0
-
-
-def _image_paths(column: Any) -> list[str | None]:
-    """The file names images had when the export was made (no folders), or None where unknown."""
-    if not _is_struct_with(column.type, "path"):
-        return [None] * len(column)
-    return [_file_name(p) for p in pc.struct_field(column, "path").to_pylist()]
-
-
-def _file_name(path: str | None) -> str | None:
-    """The last part of a path written on any system, or None for no path."""
-    name = re.split(r"[\\/]", path)[-1] if path else ""
-    return name or None
-
-
-def _image_bytes(column: Any) -> Any:
-    if _is_struct_with(column.type, "bytes"):
-        return pc.struct_field(column, "bytes")
-    if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
-        return column
-    raise ValueError(f"the image column holds {column.type}, neither {{bytes, path}} structs nor bytes")
-
-
-def _image_chunks(path: Path) -> Iterator[tuple[int, int, Callable[[], Any]]]:
-    """(first row, row count, reader of the image column) for each part of the file read at once.
-
-    Parquet files are read a row group at a time, so only one group's images are in memory;
-    Arrow files are memory-mapped and read whole, which copies nothing.
-    """
-    if path.suffix == ".parquet":
-        file = pq.ParquetFile(path)
-        first = 0
-        for group in range(file.num_row_groups):
-            count = file.metadata.row_group(group).num_rows
-            yield first, count, partial(_read_row_group_images, file, group)
-            first += count
-    else:
-        table = _open_arrow(path)
-        yield 0, table.num_rows, lambda: table.column("image")
-
-
-def _read_row_group_images(file: Any, group: int) -> Any:
-    return file.read_row_group(group, columns=["image"]).column("image")
-
-
-def iter_image_bytes(path: Path, rows: Iterable[int]) -> Iterator[tuple[int, bytes | None]]:
-    """(row, encoded image or None) for the given rows of a hub file, in row order."""
-    wanted = sorted(set(rows))
-    for first, count, read in _image_chunks(path):
-        chunk_rows = wanted[bisect.bisect_left(wanted, first) : bisect.bisect_left(wanted, first + count)]
-        if chunk_rows:
-            values = _image_bytes(read())
-            for row in chunk_rows:
-                yield row, values[row - first].as_py()
-
-
-def write_images(path: Path, targets: dict[int, Path]) -> None:
-    """Writes the image of each row of `targets` (row -> file) that is not written yet.
-
-    A row without image bytes writes nothing: the caller finds its file missing.
-    """
-    present = {folder: existing_names(folder) for folder in {target.parent for target in targets.values()}}
-    todo = {row: target for row, target in targets.items() if target.name not in present[target.parent]}
-    if not todo:
-        return
-    log.info("writing %d image(s) from %s", len(todo), path)
-    for row, data in iter_image_bytes(path, todo):
-        if data is not None:
-            _write_atomically(todo[row], data)
-
-
-def existing_names(folder: Path) -> set[str]:
-    """The names of the entries of `folder` (none if it does not exist): one listing instead of a
-    stat per image, which matters for tens of thousands of images on a network file system."""
-    return set(os.listdir(folder)) if folder.is_dir() else set()
-
-
-def _write_atomically(target: Path, data: bytes) -> None:
-    # A name per process: several ranks of one job may write the same image at once.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial_file = target.with_name(f".{target.name}.{os.getpid()}.part")
-    partial_file.write_bytes(data)
-    os.replace(partial_file, target)

@@ -17,7 +17,7 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="medsd phantoms", description=__doc__.splitlines()[0])
     parser.add_argument("--layout", required=True, choices=sorted(LAYOUTS))
     parser.add_argument("--n", type=int, required=True, help="number of images")
-    parser.add_argument("--out", required=True, help="folder to write: new or empty (it appears whole when done)")
+    parser.add_argument("--out", required=True, help="new or empty folder to write")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-size", type=int, default=None, help="default: the layout's own")
     args = parser.parse_args(argv)

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-import datamodules.rocov2 as rocov2
+import datamodules.hub_files as hub_files
 from datamodules import MedVQAGIDataModule, MedVQAGIParquetDataModule
 from datamodules.medvqa_gi import split_of_image
 
@@ -325,7 +325,7 @@ def test_hub_parquet_without_paths_groups_rows_by_image_content(tmp_path, monkey
     assert {r.meta["source"] for r in all_records(dm)} == {""}
 
     # Later runs still read the bytes to know the images, but write nothing.
-    monkeypatch.setattr(rocov2, "_write_atomically", lambda *args: pytest.fail("image written again"))
+    monkeypatch.setattr(hub_files, "_write_atomically", lambda *args: pytest.fail("image written again"))
     assert len(all_records(MedVQAGIParquetDataModule(str(root), str(image_dir)))) == 11
 
 

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-import datamodules.rocov2 as rocov2
+import datamodules.hub_files as hub_files
 from datamodules import ROCOv2DataModule, ROCOv2ParquetDataModule
 
 CT, XRAY, MRI = "C0040405", "C1306645", "C0024485"
@@ -289,7 +289,7 @@ def test_a_second_run_reads_no_image_bytes(tmp_path, monkeypatch):
     def fail(*args):
         raise AssertionError("image bytes read again")
 
-    monkeypatch.setattr(rocov2, "iter_image_bytes", fail)
+    monkeypatch.setattr(hub_files, "iter_image_bytes", fail)
     assert len(ROCOv2ParquetDataModule(str(root), str(image_dir)).records("train")) == 4
 
 
