@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import logging
+from collections import Counter
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -12,8 +12,6 @@ import pandas as pd
 from .base import SPLITS, ImageTextDataModule, Record
 from .images import IMAGE_SUFFIXES
 from .tables import SPLIT_NAMES, some_items
-
-log = logging.getLogger(__name__)
 
 
 class CSVImageTextDataModule(ImageTextDataModule):
@@ -88,7 +86,7 @@ class CSVImageTextDataModule(ImageTextDataModule):
 
         table["prompt"] = table["prompt"].str.strip()
         empty = table["prompt"] == ""
-        self._handle_empty(f"line(s) {some_items(table.loc[empty, 'line'])}", empty.sum(), len(table), path)
+        self._handle_empty(f"line(s) {some_items(table.loc[empty, 'line'])}", table.loc[empty, "split"], path)
         table = table[~empty]
 
         root = self.image_root or path.parent
@@ -118,12 +116,14 @@ class CSVImageTextDataModule(ImageTextDataModule):
             )
         records = [Record(str(p), p.with_suffix(".txt").read_text(encoding="utf-8").strip()) for p in images]
         empty = [Path(r.image).with_suffix(".txt") for r in records if not r.prompt]
-        self._handle_empty(f"caption file(s) {some_items(empty)}", len(empty), len(records), folder)
+        self._handle_empty(f"caption file(s) {some_items(empty)}", ["train"] * len(empty), folder)
         return [r for r in records if r.prompt]
 
-    def _handle_empty(self, where: str, n_empty: int, n_total: int, source: Path) -> None:
-        if n_empty == 0:
+    def _handle_empty(self, where: str, splits, source: Path) -> None:
+        """Empty prompts (their splits given): an error, or dropped and counted per split."""
+        if len(splits) == 0:
             return
         if self.empty_prompts == "error":
             raise ValueError(f"{source}: empty prompt in {where}; fill them in or set empty_prompts='drop'")
-        log.warning("%s: dropped %d of %d rows with empty prompts (%s)", source, n_empty, n_total, where)
+        for split, count in Counter(splits).items():
+            self.note_dropped(split, "empty prompt", count, f"{source}: {where}")

@@ -5,7 +5,8 @@
 Per split: records, images, records dropped per reason, prompts truncated, prompt length in
 tokens (CLIP's tokenizer unless told otherwise), label prevalence (positive / negative /
 uncertain / blank kept apart) and the distribution of low-cardinality metadata (view position,
-modality, ...). No model weights are loaded.
+modality, ...); with --verify-images, every image file that cannot be decoded. No model weights
+are loaded.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections import Counter
 import numpy as np
 
 from datamodules.base import SPLITS, ImageTextDataModule, Record
+from datamodules.images import ImageLoadError, load_image
 from lightning_modules.backbones import build_clip_tokenizer
 from lightning_modules.prompts import PromptTokenizer
 
@@ -56,7 +58,22 @@ def token_statistics(lengths: list[int], limit: int) -> dict[str, float]:
     }
 
 
-def summarize(datamodule: ImageTextDataModule, tokenizer: PromptTokenizer) -> dict:
+def unreadable_images(records: list[Record], draft_size: int) -> dict:
+    """Decode every image file (at the reduced JPEG scale training uses) and list those that fail,
+    so a corrupt or truncated file is found now rather than hours into training."""
+    bad = []
+    for record in records:
+        if isinstance(record.image, str):
+            try:
+                load_image(record.image, draft_size=draft_size)
+            except (ImageLoadError, FileNotFoundError) as error:
+                bad.append(str(error))
+    return {"count": len(bad), "examples": bad[:5]}
+
+
+def summarize(
+    datamodule: ImageTextDataModule, tokenizer: PromptTokenizer, verify_images: bool = False
+) -> dict:
     """The JSON-ready summary; `tokenizer` also drives the DataModule's long-prompt policy."""
     datamodule.tokenizer = tokenizer
     splits = {}
@@ -73,6 +90,8 @@ def summarize(datamodule: ImageTextDataModule, tokenizer: PromptTokenizer) -> di
             "labels": label_prevalence(usable),
             "meta": meta_distribution(usable),
         }
+        if verify_images:
+            splits[split]["unreadable_images"] = unreadable_images(usable, datamodule.image_size)
     return {
         "datamodule": type(datamodule).__name__,
         "long_prompts": datamodule.long_prompts,
@@ -90,8 +109,9 @@ def main(argv: list[str]) -> None:
         "(--config FILE, --data.init_args.KEY VALUE, ...) are `medsd fit`'s.",
     )
     parser.add_argument("--max-tokens", type=int, default=77, help="the text encoder's prompt limit")
+    parser.add_argument("--verify-images", action="store_true", help="decode every image, list failures")
     args, config_args = parser.parse_known_args(argv)
     datamodule = build_datamodule(config_args)
     tokenizer = PromptTokenizer(build_clip_tokenizer(), max_length=args.max_tokens)
-    json.dump(summarize(datamodule, tokenizer), sys.stdout, indent=2)
+    json.dump(summarize(datamodule, tokenizer, args.verify_images), sys.stdout, indent=2)
     sys.stdout.write("\n")

@@ -120,3 +120,14 @@ def test_inspect_data_command_prints_json(capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["datamodule"] == "SyntheticShapesDataModule"
     assert [summary["splits"][s]["records"] for s in ("train", "val", "test")] == [16, 4, 4]
+
+
+def test_inspect_data_finds_corrupt_and_missing_images(tmp_path, clip):
+    good, truncated = tmp_path / "good.jpg", tmp_path / "truncated.jpg"
+    Image.new("L", (64, 64), 90).save(good, quality=95)
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    paths = [good, truncated, tmp_path / "missing.jpg"]
+    dm = InMemory({"train": [Record(str(p), SHORT) for p in paths]})
+    found = summarize(dm, clip, verify_images=True)["splits"]["train"]["unreadable_images"]
+    assert found["count"] == 2
+    assert str(truncated) in found["examples"][0] and "missing.jpg" in found["examples"][1]

@@ -243,7 +243,8 @@ def test_empty_prompts_can_be_dropped_with_a_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         dm.setup("fit")
     assert prompts_of(dm.records("train")) == ["one", "three"]
-    assert "dropped 2 of 4 rows" in logged(caplog, logging.WARNING)
+    assert "dropped 2 train record(s): empty prompt" in logged(caplog, logging.WARNING)
+    assert dm.dropped["train"] == {"empty prompt": 2}
 
 
 def test_unknown_split_values_are_named_with_their_lines(tmp_path):
