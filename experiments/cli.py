@@ -123,6 +123,8 @@ COMMANDS = {
     "prepare": "experiments.prepare",
     "inspect-data": "experiments.inspect_data",
     "phantoms": "experiments.phantoms",
+    "evaluate": "experiments.evaluate",
+    "sample": "experiments.sample",
 }
 
 

@@ -1,0 +1,210 @@
+"""Any trained model or pretrained pipeline as one callable text-to-image pipeline.
+
+`load_pipeline(source)` accepts what a user has at hand after training, without asking which
+strategy made it: a run folder (its `export/` is used), an export folder (its
+`medsd_export.json` says how to load it), a diffusers pipeline folder or hub id, or
+`medsd/tiny-sd`. Exports that only hold a delta (textual inversion, LoRA) are applied to the base
+model their manifest names. The result is called like diffusers' `StableDiffusionPipeline`
+(`pipe(prompts, num_inference_steps=..., guidance_scale=..., generator=...)`); `render` does that
+with one seeded CPU generator per image.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import diffusers
+import torch
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from PIL import Image
+
+from .backbones import TINY_SD, _not_found, build_sampler, build_tiny_backbone
+from .domain_text_encoder import DomainTextPipeline, load_domain_text_pipeline
+from .export import MANIFEST, read_manifest
+from .textual_inversion import EMBEDDINGS_FILE
+
+log = logging.getLogger(__name__)
+
+# Short names for the samplers papers use; any diffusers scheduler class name works too.
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "pndm": "PNDMScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+
+
+def resolve_source(source: str | Path) -> Path | str:
+    """A run folder becomes its `export/`, any other local folder its absolute path; a string that
+    names no local folder is returned as is (a hub id or `medsd/tiny-sd`)."""
+    path = Path(source)
+    if (path / "export" / MANIFEST).is_file():
+        return (path / "export").resolve()
+    if path.is_dir():
+        return path.resolve()
+    if path.exists():
+        raise ValueError(f"{source} is a file: pass a run, export or diffusers pipeline folder")
+    return str(source)
+
+
+def export_manifest(source: Path | str) -> dict | None:
+    """The `medsd_export.json` of a resolved source, or None when it is not a medsd export."""
+    if isinstance(source, Path) and (source / MANIFEST).is_file():
+        return read_manifest(source)
+    return None
+
+
+def load_pipeline(
+    source: str | Path,
+    base_model: str | None = None,
+    textual_inversion: Sequence[str | Path] = (),
+    lora: Sequence[str | Path] = (),
+    scheduler: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> StableDiffusionPipeline | DomainTextPipeline:
+    """Load `source` (see the module docstring) ready to sample from.
+
+    base_model: the model a textual-inversion or LoRA export is applied to, in place of the one
+        its manifest names (e.g. a local copy of a hub model on an offline machine).
+    textual_inversion, lora: extra embeddings files / LoRA weights loaded on top, in order.
+    scheduler: a name of SCHEDULERS or a diffusers scheduler class; None keeps the model's own.
+    """
+    resolved = resolve_source(source)
+    manifest = export_manifest(resolved)
+    if manifest is None:
+        pipe, loras = base_pipeline(str(resolved), dtype=dtype), list(lora)
+    else:
+        pipe = _from_export(resolved, manifest, base_model, dtype)
+        # A LoRA export loads with the extra LoRAs, which gives every one its own adapter name.
+        loras = [resolved, *lora] if manifest.get("strategy") == "LoRAFineTuning" else list(lora)
+    for path in textual_inversion:
+        if isinstance(pipe, DomainTextPipeline):
+            raise ValueError(
+                "a domain text encoder export has no CLIP embeddings to add a textual inversion to"
+            )
+        pipe.load_textual_inversion(str(path))
+    _load_loras(diffusers_pipeline(pipe), loras)
+    if scheduler is not None:
+        set_scheduler(pipe, scheduler)
+    diffusers_pipeline(pipe).set_progress_bar_config(disable=True)
+    return _to(pipe, device, dtype)
+
+
+def base_pipeline(name_or_path: str, revision: str | None = None, dtype: torch.dtype = torch.float32):
+    """A pretrained diffusers pipeline, or the tiny one built from config.
+
+    The safety checker is left out: on medical images its NSFW classifier fires on anatomy and
+    silently replaces images with black ones, which would corrupt a synthetic data set.
+    """
+    if name_or_path == TINY_SD:
+        return tiny_pipeline()  # fp32; load_pipeline casts
+    try:
+        components = DiffusionPipeline.load_config(name_or_path, revision=revision)
+    except (OSError, ValueError) as error:
+        raise _not_found("the pipeline", name_or_path, error) from error
+    no_checker = {"safety_checker": None, "requires_safety_checker": False}
+    extra = no_checker if "safety_checker" in components else {}
+    return DiffusionPipeline.from_pretrained(name_or_path, revision=revision, dtype=dtype, **extra)
+
+
+def tiny_pipeline() -> StableDiffusionPipeline:
+    """`medsd/tiny-sd` as a pipeline: the same weights every training run starts from."""
+    tiny = build_tiny_backbone()
+    return StableDiffusionPipeline(
+        vae=tiny.vae,
+        text_encoder=tiny.text_encoder,
+        tokenizer=tiny.tokenizer,
+        unet=tiny.unet,
+        scheduler=build_sampler(tiny.sampler_config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _from_export(folder: Path, manifest: dict, base_model: str | None, dtype: torch.dtype):
+    strategy = manifest.get("strategy")
+    if strategy == "DomainTextEncoderFineTuning":
+        return load_domain_text_pipeline(folder)
+    if strategy == "FineTuning":  # a complete diffusers pipeline folder
+        return base_pipeline(str(folder), dtype=dtype)
+    if strategy not in ("TextualInversion", "LoRAFineTuning"):
+        raise ValueError(f"{folder}: don't know how to sample from a {strategy} export")
+    # The manifest's revision belongs to the manifest's base model, not to an override.
+    revision = None if base_model else manifest.get("base_revision")
+    pipe = base_pipeline(base_model or manifest["base_model"], revision, dtype)
+    if strategy == "TextualInversion":
+        pipe.load_textual_inversion(str(folder / EMBEDDINGS_FILE))
+    return pipe  # a LoRA export's weights are loaded by load_pipeline
+
+
+def _load_loras(pipe: StableDiffusionPipeline, paths: Sequence[str | Path]) -> None:
+    """Load each LoRA under its own adapter name and activate them all at full weight."""
+    names = [f"lora_{i}" for i in range(len(paths))]
+    for name, path in zip(names, paths, strict=True):
+        pipe.load_lora_weights(str(path), adapter_name=name)
+    if names:
+        pipe.set_adapters(names)
+
+
+def diffusers_pipeline(pipe: StableDiffusionPipeline | DomainTextPipeline) -> StableDiffusionPipeline:
+    """The diffusers pipeline that holds the U-Net and the scheduler."""
+    return pipe.pipeline if isinstance(pipe, DomainTextPipeline) else pipe
+
+
+def set_scheduler(pipe: StableDiffusionPipeline | DomainTextPipeline, name: str) -> None:
+    """Swap the sampler, keeping the model's noise schedule (betas, offsets, prediction type)."""
+    inner = diffusers_pipeline(pipe)
+    class_name = SCHEDULERS.get(name.lower(), name)
+    if not class_name.endswith("Scheduler") or not hasattr(diffusers, class_name):
+        raise ValueError(
+            f"unknown scheduler {name!r}: use one of {sorted(SCHEDULERS)} or a diffusers class name"
+        )
+    inner.scheduler = build_sampler(dict(inner.scheduler.config), class_name)
+
+
+def _to(pipe, device, dtype: torch.dtype):
+    modules = [pipe.text_encoder, pipe.projection] if isinstance(pipe, DomainTextPipeline) else []
+    inner = diffusers_pipeline(pipe)
+    # Cast only when needed: diffusers warns about every cast, even to the dtype a model has.
+    if inner.dtype == dtype:
+        inner.to(device=device)
+    else:
+        inner.to(device=device, dtype=dtype)
+    for module in modules:
+        module.to(device=device, dtype=dtype)
+    return pipe
+
+
+def render(
+    pipe: StableDiffusionPipeline | DomainTextPipeline,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    steps: int,
+    guidance: float,
+    height: int | None = None,
+    width: int | None = None,
+) -> list[Image.Image]:
+    """One image per (prompt, seed).
+
+    Each image's starting noise (and any noise a stochastic sampler adds) comes from its own CPU
+    generator, so the noise depends on its seed only: not on the device, nor on the other images
+    in the batch.
+    """
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    return pipe(
+        list(prompts),
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=[torch.Generator().manual_seed(seed) for seed in seeds],
+        height=height,
+        width=width,
+        output_type="pil",
+    ).images
