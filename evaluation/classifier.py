@@ -1,0 +1,604 @@
+"""Multi-label chest X-ray classifiers and the papers' classifier protocols.
+
+Two protocols judge generated images with a classifier rather than a distance between feature
+distributions, because they ask a clinical question: does the image show what its prompt says?
+
+- `abnormality_insertion` (Chambon et al. 2022): a DenseNet-121 trained on real radiographs scores
+  the synthetic images whose prompts state a finding; the share it calls positive is the
+  detection rate (95% for pleural effusion in the paper's best model).
+- `augmentation_protocol` (RoentGen): the same classifier is trained on real, on synthetic and on
+  real + synthetic images and each is tested on the same real test split.
+
+Labels follow CheXpert's values: 1.0 positive, 0.0 negative, -1.0 uncertain, NaN for blank ("not
+mentioned"). Defaults, as in most CheXpert work: blank counts as negative (a report that does not
+mention a finding usually means it is absent) and uncertain is left out of the loss ("ignore"),
+so hedged reports neither teach nor punish the classifier. Test metrics always leave uncertain
+labels out (their truth is unknown) and treat blanks by the same policy as training.
+
+Predictions are positive when the probability is >= the label's threshold: 0.5 by default, or,
+with `threshold="validation"`, the threshold that maximises Youden's J (sensitivity + specificity
+- 1) on a real validation set, which suits rare findings better than 0.5. The threshold is always
+chosen on real images, never on the test split or on the synthetic images being judged.
+
+Images are read as grayscale, the shorter side resized and the centre cropped to `image_size`
+(as torchxrayvision's evaluation does), replicated to 3 channels and normalised with ImageNet's
+statistics so that ImageNet weights apply. No augmentation: flips would swap left and right.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from sklearn.metrics import roc_auc_score, roc_curve
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.models import densenet121
+
+from datamodules.base import Record, stack_labels
+from datamodules.images import load_image, to_rgb
+
+log = logging.getLogger(__name__)
+
+ARCHS = ("densenet121", "tiny")
+UNCERTAIN_POLICIES = ("ignore", "zeros", "ones")
+BLANK_POLICIES = ("negative", "ignore")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Pixel standard deviation (grayscale in [0, 1]) under which a generated image counts as uniform
+# (blank: black, grey or white), not as a radiograph.
+UNIFORM_STD = 0.02
+
+ImageInput = str | os.PathLike | Image.Image
+
+
+@dataclass(frozen=True)
+class ClassifierSettings:
+    """How a classifier is built and trained; every protocol result reports these.
+
+    arch: "densenet121" (the papers' classifier, the default) or "tiny", a four-layer CNN for
+        tests and CPU demonstrations only.
+    pretrained_weights: a local file with torchvision's ImageNet DenseNet-121 state dict
+        (`densenet121-a639ec97.pth`); None starts from random weights. Never downloaded.
+    uncertain: what a -1.0 label becomes in training: "ignore" (masked out of the loss), "zeros"
+        or "ones" (CheXpert's U-Zeros / U-Ones).
+    blank: what a blank (NaN) label becomes in training and testing: "negative" or "ignore".
+    threshold: a fixed probability (0.5), or "validation": per label, Youden's J on real validation
+        images (see `fit_thresholds`).
+    epochs: passes over the training images; with the same epochs a larger set trains for more steps.
+    device: None picks CUDA when available. Reruns with the same seed give identical numbers on
+        CPU (with the same number of torch threads); on GPU they may differ in the last digits
+        (non-deterministic cuDNN kernels).
+    """
+
+    arch: str = "densenet121"
+    image_size: int = 224
+    pretrained_weights: str | None = None
+    uncertain: str = "ignore"
+    blank: str = "negative"
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    threshold: float | str = 0.5
+    seed: int = 0
+    device: str | None = None
+    num_workers: int = 0
+
+    def __post_init__(self):
+        _check_choice("arch", self.arch, ARCHS)
+        _check_choice("uncertain", self.uncertain, UNCERTAIN_POLICIES)
+        _check_choice("blank", self.blank, BLANK_POLICIES)
+        if self.pretrained_weights is not None and self.arch != "densenet121":
+            raise ValueError("pretrained_weights are ImageNet DenseNet-121 weights: use arch 'densenet121'")
+        if self.threshold != "validation" and not (
+            isinstance(self.threshold, float | int) and 0 < self.threshold < 1
+        ):
+            raise ValueError(f"threshold must be in (0, 1) or 'validation', got {self.threshold!r}")
+        if self.image_size < 16 or self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("image_size must be >= 16, epochs and batch_size >= 1")
+
+
+@dataclass
+class LabelledImages:
+    """Images with their labels: `labels[i, j]` is image i's value of `label_names[j]`
+    (1.0 / 0.0 / -1.0, NaN for blank)."""
+
+    images: list[ImageInput]
+    labels: torch.Tensor
+    label_names: list[str]
+
+    def __post_init__(self):
+        self.labels = torch.as_tensor(self.labels, dtype=torch.float32)
+        if self.labels.shape != (len(self.images), len(self.label_names)):
+            raise ValueError(
+                f"labels must have shape [images, label names] = ({len(self.images)}, "
+                f"{len(self.label_names)}), got {tuple(self.labels.shape)}"
+            )
+        _check_values(self.labels)
+
+    @classmethod
+    def from_records(cls, records: Sequence[Record]) -> LabelledImages:
+        """The images and labels of DataModule records (e.g. `MIMICCXRDataModule.records("test")`)."""
+        if not records or any(r.labels is None for r in records):
+            raise ValueError("every record must carry labels (and there must be at least one)")
+        names, labels = stack_labels([r.labels for r in records])
+        return cls([r.image for r in records], labels, names)
+
+    def select(self, names: Sequence[str]) -> LabelledImages:
+        """The same images with only the label columns `names`, in that order."""
+        missing = [n for n in names if n not in self.label_names]
+        if missing:
+            raise ValueError(f"labels {missing} are not among {self.label_names}")
+        columns = [self.label_names.index(n) for n in names]
+        return LabelledImages(self.images, self.labels[:, columns], list(names))
+
+    def __add__(self, other: LabelledImages) -> LabelledImages:
+        if other.label_names != self.label_names:
+            raise ValueError(f"cannot combine label sets {self.label_names} and {other.label_names}")
+        return LabelledImages(
+            [*self.images, *other.images], torch.cat([self.labels, other.labels]), self.label_names
+        )
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+@dataclass
+class TrainedClassifier:
+    """A trained network with what is needed to use and report it.
+
+    thresholds: label -> probability at or above which a prediction is positive.
+    threshold_notes: label -> why its threshold is not the one the settings asked for.
+    """
+
+    network: nn.Module
+    label_names: list[str]
+    settings: ClassifierSettings
+    thresholds: dict[str, float]
+    n_train: int
+    steps: int
+    epoch_losses: list[float]
+    threshold_notes: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        """The classifier as a JSON-ready dict: settings, training size and thresholds."""
+        return {
+            "architecture": self.settings.arch,
+            "settings": asdict(self.settings),
+            "labels": self.label_names,
+            "n_train": self.n_train,
+            "steps": self.steps,
+            "epoch_losses": self.epoch_losses,
+            "thresholds": self.thresholds,
+            "threshold_notes": self.threshold_notes,
+        }
+
+
+# --- labels and loss -----------------------------------------------------------------------------
+
+
+def label_targets(labels: torch.Tensor, uncertain: str = "ignore", blank: str = "negative"):
+    """CheXpert values -> (targets in {0, 1}, mask: 1 where the value takes part in the loss).
+
+    Blank (NaN) follows `blank`, uncertain (-1) follows `uncertain` (see ClassifierSettings).
+    """
+    _check_choice("uncertain", uncertain, UNCERTAIN_POLICIES)
+    _check_choice("blank", blank, BLANK_POLICIES)
+    _check_values(labels)
+    is_blank, is_uncertain = torch.isnan(labels), labels == -1
+    targets = (labels == 1).float()
+    if uncertain == "ones":
+        targets[is_uncertain] = 1.0
+    mask = torch.ones_like(labels)
+    if uncertain == "ignore":
+        mask[is_uncertain] = 0.0
+    if blank == "ignore":
+        mask[is_blank] = 0.0
+    return targets, mask
+
+
+def masked_bce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy averaged over the unmasked entries only, so ignored labels neither add
+    loss nor dilute the average."""
+    losses = nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    return (losses * mask).sum() / mask.sum().clamp(min=1)
+
+
+# --- networks and images -------------------------------------------------------------------------
+
+
+def build_network(arch: str, n_labels: int, pretrained_weights: str | None = None) -> nn.Module:
+    """A network with `n_labels` logits: DenseNet-121 (optionally ImageNet weights) or a tiny CNN."""
+    _check_choice("arch", arch, ARCHS)
+    if arch == "tiny":
+        return _tiny_cnn(n_labels)
+    network = densenet121(weights=None)
+    if pretrained_weights is not None:
+        network.load_state_dict(_imagenet_state_dict(pretrained_weights))
+    network.classifier = nn.Linear(network.classifier.in_features, n_labels)
+    return network
+
+
+def _tiny_cnn(n_labels: int, width: int = 16) -> nn.Module:
+    """Four stride-2 convolutions and a linear head: trains in seconds on a CPU at 64-128 px."""
+    layers: list[nn.Module] = []
+    channels = 3
+    for out in (width, 2 * width, 4 * width, 8 * width):
+        conv = nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False)
+        layers += [conv, nn.BatchNorm2d(out), nn.ReLU()]
+        channels = out
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(channels * 16, n_labels))
+
+
+def _imagenet_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """torchvision's DenseNet-121 file, whose old key names ("norm.1") become today's ("norm1")."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    old_key = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_\w+))$")
+    return {old_key.sub(r"\1\2", key): value for key, value in state.items()}
+
+
+def gray_pixels(image: ImageInput, size: int) -> np.ndarray:
+    """One image -> float32 [size, size] in [0, 1]: grayscale, shorter side resized, centre cropped."""
+    rgb = to_rgb(image) if isinstance(image, Image.Image) else load_image(image, draft_size=size)
+    gray = ImageOps.fit(rgb.convert("L"), (size, size), method=Image.BICUBIC)
+    return np.asarray(gray, dtype=np.float32) / 255.0
+
+
+def image_tensor(image: ImageInput, size: int) -> torch.Tensor:
+    """One image -> float [3, size, size]: `gray_pixels` replicated to 3 channels and normalised
+    with ImageNet's mean and std."""
+    pixels = torch.from_numpy(gray_pixels(image, size))
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    return (pixels.expand(3, size, size) - mean) / std
+
+
+class _ImageDataset(Dataset):
+    """Images decoded on access (in DataLoader workers when there are any), with optional targets."""
+
+    def __init__(self, images: Sequence[ImageInput], size: int, targets=None, mask=None):
+        self.images, self.size, self.targets, self.mask = images, size, targets, mask
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        pixels = image_tensor(self.images[index], self.size)
+        if self.targets is None:
+            return pixels
+        return pixels, self.targets[index], self.mask[index]
+
+
+# --- training and prediction ---------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds Python, NumPy and torch, so initial weights (and any dropout) repeat on a rerun; the
+    batch order has its own seeded generator."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train_classifier(
+    images: Sequence[ImageInput],
+    labels: torch.Tensor,
+    label_names: Sequence[str],
+    settings: ClassifierSettings | None = None,
+    validation: LabelledImages | None = None,
+) -> TrainedClassifier:
+    """Train a multi-label classifier with masked BCE and AdamW (see ClassifierSettings).
+
+    labels: [N, L] CheXpert values, NaN for blank. validation: real labelled images, required
+    when settings.threshold is "validation" (thresholds are chosen on them) and unused otherwise.
+    """
+    settings = settings or ClassifierSettings()
+    data = LabelledImages(list(images), labels, list(label_names))
+    if settings.threshold == "validation" and validation is None:
+        raise ValueError("threshold='validation' needs real validation images (validation=...)")
+    targets, mask = label_targets(data.labels, settings.uncertain, settings.blank)
+    if mask.sum() == 0:
+        raise ValueError("no label takes part in the loss under this label policy")
+    seed_everything(settings.seed)
+    device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    network = build_network(settings.arch, len(data.label_names), settings.pretrained_weights).to(device)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    loader = DataLoader(
+        _ImageDataset(data.images, settings.image_size, targets, mask),
+        batch_size=settings.batch_size,
+        shuffle=True,
+        num_workers=settings.num_workers,
+        generator=torch.Generator().manual_seed(settings.seed),
+    )
+    network.train()
+    epoch_losses, steps = [], 0
+    for epoch in range(settings.epochs):
+        total = 0.0
+        for pixels, batch_targets, batch_mask in loader:
+            optimizer.zero_grad()
+            logits = network(pixels.to(device))
+            loss = masked_bce(logits, batch_targets.to(device), batch_mask.to(device))
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(pixels)
+            steps += 1
+        epoch_losses.append(total / len(data))
+        log.info("classifier epoch %d/%d: loss %.4f", epoch + 1, settings.epochs, epoch_losses[-1])
+    network.eval()
+    fixed = float(0.5 if settings.threshold == "validation" else settings.threshold)
+    thresholds = dict.fromkeys(data.label_names, fixed)
+    classifier = TrainedClassifier(
+        network, data.label_names, settings, thresholds, len(data), steps, epoch_losses
+    )
+    return fit_thresholds(classifier, validation) if settings.threshold == "validation" else classifier
+
+
+@torch.no_grad()
+def predict(classifier: TrainedClassifier, images: Sequence[ImageInput], batch_size: int | None = None):
+    """Probabilities [N, L] (float32, CPU), columns in `classifier.label_names` order."""
+    settings = classifier.settings
+    loader = DataLoader(
+        _ImageDataset(list(images), settings.image_size),
+        batch_size=batch_size or settings.batch_size,
+        num_workers=settings.num_workers,
+    )
+    network = classifier.network.eval()
+    device = next(network.parameters()).device
+    batches = [torch.sigmoid(network(pixels.to(device))).float().cpu() for pixels in loader]
+    return torch.cat(batches) if batches else torch.empty(0, len(classifier.label_names))
+
+
+def fit_thresholds(classifier: TrainedClassifier, validation: LabelledImages) -> TrainedClassifier:
+    """A copy of `classifier` whose thresholds maximise Youden's J on real `validation` images.
+
+    A label with a single class among the validation images keeps the threshold 0.5, with a note.
+    """
+    validation = validation.select(classifier.label_names)
+    probabilities = predict(classifier, validation.images).numpy()
+    thresholds, notes = {}, {}
+    for j, name in enumerate(classifier.label_names):
+        targets, known = _test_truth(validation.labels[:, j], classifier.settings.blank)
+        scores = probabilities[known, j]
+        if len(set(targets.tolist())) < 2:
+            thresholds[name] = 0.5
+            notes[name] = "validation set has a single class for this label: threshold 0.5"
+            continue
+        fpr, tpr, cut = roc_curve(targets, scores)
+        finite = np.isfinite(cut)
+        best = np.argmax((tpr - fpr)[finite])
+        thresholds[name] = float(cut[finite][best])
+    return replace(classifier, thresholds=thresholds, threshold_notes=notes)
+
+
+# --- metrics -------------------------------------------------------------------------------------
+
+
+def _test_truth(labels: torch.Tensor, blank: str) -> tuple[np.ndarray, np.ndarray]:
+    """(0/1 truth of the evaluable entries, mask of evaluable entries) of one label column:
+    uncertain entries are never evaluable, blank ones count as negative or not by `blank`."""
+    targets, mask = label_targets(labels, uncertain="ignore", blank=blank)
+    known = mask.bool().numpy()
+    return targets.numpy()[known], known
+
+
+def evaluate(
+    probabilities: torch.Tensor,
+    labels: torch.Tensor,
+    label_names: Sequence[str],
+    thresholds: dict[str, float] | float = 0.5,
+    blank: str = "negative",
+) -> dict:
+    """Accuracy (at each label's threshold) and AUROC per label, with their macro averages.
+
+    Uncertain labels are left out; blanks are negative or left out by `blank`. A label whose
+    evaluable entries hold a single class gets AUROC None with a note, and is left out of the
+    macro AUROC (the macro lists the labels it averages).
+    """
+    probabilities, labels = torch.as_tensor(probabilities), torch.as_tensor(labels, dtype=torch.float32)
+    if probabilities.shape != labels.shape or labels.shape[1] != len(label_names):
+        raise ValueError(
+            f"probabilities {tuple(probabilities.shape)} and labels {tuple(labels.shape)} must both be "
+            f"[N, {len(label_names)}]"
+        )
+    per_label = {}
+    for j, name in enumerate(label_names):
+        threshold = thresholds if isinstance(thresholds, float | int) else thresholds[name]
+        targets, known = _test_truth(labels[:, j], blank)
+        per_label[name] = label_metrics(targets, probabilities[:, j].numpy()[known], float(threshold))
+    return {"n_images": len(labels), "blank": blank, "per_label": per_label, "macro": _macro(per_label)}
+
+
+def label_metrics(targets: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
+    """Accuracy and AUROC of one label's evaluable entries (targets 0/1, scores probabilities)."""
+    n_positive = int(targets.sum())
+    result = {
+        "n": len(targets),
+        "n_positive": n_positive,
+        "n_negative": len(targets) - n_positive,
+        "threshold": threshold,
+        "accuracy": float(np.mean((scores >= threshold) == (targets == 1))) if len(targets) else None,
+        "auroc": None,
+    }
+    if len(targets) == 0:
+        result["note"] = "no evaluable image (all uncertain or blank): no accuracy or AUROC"
+    elif n_positive in (0, len(targets)):
+        result["note"] = "a single class among the test images: AUROC undefined"
+    else:
+        result["auroc"] = float(roc_auc_score(targets, scores))
+    return result
+
+
+def _macro(per_label: dict[str, dict]) -> dict:
+    """Unweighted means over the labels that have each metric, naming those labels."""
+    macro = {}
+    for metric in ("accuracy", "auroc"):
+        names = [name for name, m in per_label.items() if m[metric] is not None]
+        macro[metric] = float(np.mean([per_label[n][metric] for n in names])) if names else None
+        macro[f"{metric}_labels"] = names
+    return macro
+
+
+# --- protocols -----------------------------------------------------------------------------------
+
+
+def abnormality_insertion(
+    classifier: TrainedClassifier,
+    synthetic_images: Sequence[ImageInput],
+    synthetic_labels: torch.Tensor,
+    label_names: Sequence[str],
+    findings: Sequence[str] = ("Pleural Effusion",),
+) -> dict:
+    """Chambon et al.'s check: does a classifier trained on REAL images see the finding a prompt asked for?
+
+    synthetic_labels: [N, L] what each image's prompt states (columns `label_names`). Per finding:
+    the detection rate over images whose prompt states it (1.0), and the false-positive rate over
+    images whose prompt states it is absent (0.0), None when there are none. A high detection rate
+    alone could come from a classifier that calls everything positive; the false-positive rate
+    rules that out.
+
+    Uniform images (blank black, grey or white ones, as a generator's fp16 NaNs produce) are
+    counted per group (`n_uniform_*`) but scored like any other: the rates stay the protocol's. A
+    classifier's output on an image so unlike a radiograph is arbitrary (it may well call it
+    positive), so a detection rate means little when uniform images are among those scored.
+    """
+    synthetic = LabelledImages(list(synthetic_images), synthetic_labels, list(label_names))
+    missing = [f for f in findings if f not in classifier.label_names or f not in synthetic.label_names]
+    if missing:
+        raise ValueError(
+            f"findings {missing} must be labels of both the classifier {classifier.label_names} "
+            f"and the synthetic images {synthetic.label_names}"
+        )
+    probabilities = predict(classifier, synthetic.images)
+    flat = torch.tensor([is_uniform(image, classifier.settings.image_size) for image in synthetic.images])
+    results = {}
+    for finding in findings:
+        stated = synthetic.labels[:, synthetic.label_names.index(finding)]
+        scores = probabilities[:, classifier.label_names.index(finding)]
+        threshold = classifier.thresholds[finding]
+        results[finding] = {
+            "threshold": threshold,
+            **_positive_share(scores, flat, stated == 1, threshold, "stated_present", "detection_rate"),
+            **_positive_share(scores, flat, stated == 0, threshold, "stated_absent", "false_positive_rate"),
+        }
+    return {
+        "protocol": "abnormality insertion (Chambon et al. 2022): real-trained classifier, synthetic images",
+        "n_images": len(synthetic),
+        "n_uniform_images": int(flat.sum()),
+        "findings": results,
+        "seed": classifier.settings.seed,
+        "architecture": classifier.settings.arch,
+        "classifier": classifier.describe(),
+    }
+
+
+def _positive_share(
+    scores: torch.Tensor, uniform: torch.Tensor, chosen: torch.Tensor, threshold: float, group: str, rate: str
+) -> dict:
+    """Of the `chosen` images: how many, how many uniform, how many reach `threshold`, that share
+    and the mean score."""
+    scores = scores[chosen]
+    n, hits = len(scores), int((scores >= threshold).sum())
+    return {
+        f"n_{group}": n,
+        f"n_uniform_{group}": int(uniform[chosen].sum()),
+        f"n_predicted_positive_{group}": hits,
+        rate: hits / n if n else None,
+        f"mean_probability_{group}": float(scores.mean()) if n else None,
+    }
+
+
+def is_uniform(image: ImageInput, size: int) -> bool:
+    """Near-uniform: a pixel standard deviation under UNIFORM_STD (a radiograph's is about 0.2)."""
+    return float(gray_pixels(image, size).std()) < UNIFORM_STD
+
+
+def augmentation_protocol(
+    real_train: LabelledImages,
+    synthetic: LabelledImages,
+    real_test: LabelledImages,
+    settings: ClassifierSettings | None = None,
+    real_validation: LabelledImages | None = None,
+    label_names: Sequence[str] | None = None,
+) -> dict:
+    """RoentGen's check: train on real, on synthetic and on real + synthetic; test each on real.
+
+    All three use the same settings and seed (the same epochs, so larger sets train for more steps;
+    `steps` is reported). label_names: the labels to train and test (default: real_train's); every
+    set must carry them. Thresholds, when chosen, come from `real_validation`. Reports each run's
+    test metrics and its macro accuracy and AUROC minus the real-only run's.
+    """
+    settings = settings or ClassifierSettings()
+    names = list(label_names or real_train.label_names)
+    real_train, synthetic, real_test = (s.select(names) for s in (real_train, synthetic, real_test))
+    training_sets = {"real": real_train, "synthetic": synthetic, "real+synthetic": real_train + synthetic}
+    runs = {}
+    for name, data in training_sets.items():
+        log.info("augmentation protocol: training on %s (%d images)", name, len(data))
+        classifier = train_classifier(data.images, data.labels, names, settings, real_validation)
+        probabilities = predict(classifier, real_test.images)
+        runs[name] = {
+            "n_train": len(data),
+            "steps": classifier.steps,
+            "thresholds": classifier.thresholds,
+            "test": evaluate(probabilities, real_test.labels, names, classifier.thresholds, settings.blank),
+        }
+    for run in runs.values():
+        run["macro_minus_real"] = {
+            metric: _difference(run["test"]["macro"][metric], runs["real"]["test"]["macro"][metric])
+            for metric in ("accuracy", "auroc")
+        }
+    return {
+        "protocol": "augmentation (RoentGen): train on real / synthetic / real+synthetic, test on real",
+        "labels": names,
+        "n_test": len(real_test),
+        "seed": settings.seed,
+        "architecture": settings.arch,
+        "settings": asdict(settings),
+        "runs": runs,
+    }
+
+
+def _difference(value: float | None, reference: float | None) -> float | None:
+    return None if value is None or reference is None else value - reference
+
+
+# --- checks --------------------------------------------------------------------------------------
+
+
+def _check_choice(name: str, value, choices: Sequence) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _check_values(labels: torch.Tensor) -> None:
+    """Labels hold only CheXpert's values: 1, 0, -1 or NaN (blank)."""
+    known = labels[~torch.isnan(labels)]
+    bad = known[(known != 1) & (known != 0) & (known != -1)]
+    if len(bad):
+        found = sorted(set(bad.tolist()))[:5]
+        raise ValueError(f"labels must be 1.0, 0.0, -1.0 or NaN (blank), found {found}")
+
+
+__all__ = [
+    "ClassifierSettings",
+    "LabelledImages",
+    "TrainedClassifier",
+    "abnormality_insertion",
+    "augmentation_protocol",
+    "build_network",
+    "evaluate",
+    "fit_thresholds",
+    "is_uniform",
+    "label_metrics",
+    "label_targets",
+    "masked_bce",
+    "predict",
+    "train_classifier",
+]
