@@ -28,6 +28,7 @@ statistics so that ImageNet weights apply. No augmentation: flips would swap lef
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import re
@@ -358,7 +359,10 @@ def predict(classifier: TrainedClassifier, images: Sequence[ImageInput], batch_s
 def fit_thresholds(classifier: TrainedClassifier, validation: LabelledImages) -> TrainedClassifier:
     """A copy of `classifier` whose thresholds maximise Youden's J on real `validation` images.
 
-    A label with a single class among the validation images keeps the threshold 0.5, with a note.
+    Every threshold between the best cut's score and the next lower validation score gives the
+    same J; the midpoint (in logits) is taken rather than the cut itself, which sits on the
+    weakest positive's score and misses test positives just under it. A label with a single class
+    among the validation images keeps the threshold 0.5, with a note.
     """
     validation = validation.select(classifier.label_names)
     probabilities = predict(classifier, validation.images).numpy()
@@ -372,9 +376,16 @@ def fit_thresholds(classifier: TrainedClassifier, validation: LabelledImages) ->
             continue
         fpr, tpr, cut = roc_curve(targets, scores)
         finite = np.isfinite(cut)
-        best = np.argmax((tpr - fpr)[finite])
-        thresholds[name] = float(cut[finite][best])
+        best = float(cut[finite][np.argmax((tpr - fpr)[finite])])
+        below = scores[scores < best]
+        thresholds[name] = _logit_midpoint(best, float(below.max())) if len(below) else best
     return replace(classifier, thresholds=thresholds, threshold_notes=notes)
+
+
+def _logit_midpoint(p: float, q: float) -> float:
+    """The probability halfway between p and q in logits (sigmoid outputs crowd near 0 and 1)."""
+    logits = [math.log(x / (1 - x)) for x in np.clip([p, q], 1e-7, 1 - 1e-7)]
+    return 1 / (1 + math.exp(-(logits[0] + logits[1]) / 2))
 
 
 # --- metrics -------------------------------------------------------------------------------------

@@ -169,6 +169,10 @@ def gray(value: int) -> Image.Image:
     return Image.new("L", (32, 32), value)
 
 
+def logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
 def stub_classifier(names, settings=TINY):
     return TrainedClassifier(
         Brightness(len(names)), list(names), settings, dict.fromkeys(names, 0.5), 0, 0, []
@@ -181,14 +185,14 @@ def test_thresholds_chosen_on_validation_separate_its_classes():
     labels = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
     validation = LabelledImages([gray(v) for v in values], labels, ["a", "b"])
     classifier = stub_classifier(["a", "b"])
-    assert (
-        evaluate(predict(classifier, validation.images), labels, ["a", "b"])["per_label"]["a"]["accuracy"]
-        == 0.5
-    )
+    fixed = evaluate(predict(classifier, validation.images), labels, ["a", "b"])
+    assert fixed["per_label"]["a"]["accuracy"] == 0.5
 
     tuned = fit_thresholds(classifier, validation)
     probabilities = predict(tuned, validation.images)
-    assert tuned.thresholds["a"] == pytest.approx(probabilities[3, 0].item())  # the dimmest positive
+    # Halfway (in logits) between the brightest negative and the dimmest positive.
+    brightest_negative, dimmest_positive = (logit(p) for p in probabilities[2:4, 0].tolist())
+    assert logit(tuned.thresholds["a"]) == pytest.approx((brightest_negative + dimmest_positive) / 2)
     assert evaluate(probabilities, labels, ["a", "b"], tuned.thresholds)["per_label"]["a"]["accuracy"] == 1.0
     assert tuned.thresholds["b"] == 0.5 and "single class" in tuned.threshold_notes["b"]
 
