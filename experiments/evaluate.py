@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -28,14 +26,9 @@ from evaluation.suite import (
     memorisation,
     run_metric,
 )
+from lightning_modules.export import write_atomically
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
-
-
-def write_atomic(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-        handle.write(text)
-    os.replace(handle.name, path)
 
 
 def build_extractors(args) -> tuple[dict, dict]:
@@ -111,6 +104,10 @@ def evaluate(args, config_args: list[str]) -> dict:
     }
 
 
+def write_text_atomically(path: Path, text: str) -> None:
+    write_atomically(path, lambda tmp: tmp.write_text(text))
+
+
 def markdown_table(table: pd.DataFrame) -> list[str]:
     def cell(value) -> str:
         return f"{value:.4g}" if isinstance(value, float) else ("" if value is None else str(value))
@@ -121,16 +118,16 @@ def markdown_table(table: pd.DataFrame) -> list[str]:
 
 def write_outputs(result: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "metrics.json", json.dumps(result, indent=2, default=str) + "\n")
+    write_text_atomically(out / "metrics.json", json.dumps(result, indent=2, default=str) + "\n")
     table = pd.DataFrame(result["metrics"])
-    write_atomic(out / "metrics.csv", table.to_csv(index=False))
+    write_text_atomically(out / "metrics.csv", table.to_csv(index=False))
     lines = [f"# Evaluation ({result['size']} px, real: {result['real_split']})", ""]
     if len(table):
         columns = [c for c in ("metric", "value", "ci_low", "ci_high", "extractor", "n_real", "n_generated")
                    if c in table]  # fmt: skip
         lines += markdown_table(table[columns]) + [""]
     lines += [f"- skipped {name}: {reason}" for name, reason in result["skipped"].items()]
-    write_atomic(out / "summary.md", "\n".join(lines) + "\n")
+    write_text_atomically(out / "summary.md", "\n".join(lines) + "\n")
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(out)) as writer:

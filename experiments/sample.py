@@ -49,6 +49,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from datamodules.base import SPLITS, Record
+from lightning_modules.export import write_atomically
 from lightning_modules.pipelines import export_manifest, load_pipeline, render, resolve_source
 
 log = logging.getLogger(__name__)
@@ -205,17 +206,6 @@ def check_settings(out: Path, recorded: dict) -> None:
         return
     out.mkdir(parents=True, exist_ok=True)
     write_atomically(path, lambda tmp: tmp.write_text(json.dumps(recorded, indent=2) + "\n"))
-
-
-def write_atomically(path: Path, write) -> None:
-    """Call `write(tmp)` then move tmp onto `path`: a crash leaves the old file or none, never a
-    truncated one. The temporary name is per process, so ranks never share one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_image(image: Image.Image, path: Path) -> None:

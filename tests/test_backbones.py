@@ -1,17 +1,16 @@
 import open_clip
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
 
 from lightning_modules.backbones import (
     BackboneNotFoundError,
     BackboneSpec,
     build_clip_tokenizer,
-    build_sampler,
     build_tiny_backbone,
     load_backbone,
     load_text_encoder,
 )
+from lightning_modules.pipelines import tiny_pipeline
 
 PROMPTS = [
     "Small left pleural effusion. No pneumothorax.",
@@ -41,16 +40,7 @@ def test_tiny_backbone_is_deterministic_and_consistent():
 
 def test_loads_a_local_diffusers_folder(tmp_path):
     tiny = build_tiny_backbone()
-    StableDiffusionPipeline(
-        tiny.vae,
-        tiny.text_encoder,
-        tiny.tokenizer,
-        tiny.unet,
-        build_sampler(tiny.sampler_config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    ).save_pretrained(tmp_path)
+    tiny_pipeline().save_pretrained(tmp_path)
     loaded = load_backbone(BackboneSpec(str(tmp_path), prediction_type="v_prediction"))
     torch.testing.assert_close(loaded.unet.state_dict(), tiny.unet.state_dict(), rtol=0, atol=0)
     assert loaded.noise_scheduler.config.prediction_type == "v_prediction"

@@ -9,7 +9,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from experiments.cli import MedsdCLI
 from lightning_modules import load_domain_text_pipeline
-from lightning_modules.backbones import build_sampler, build_tiny_backbone, build_tiny_bert
+from lightning_modules.backbones import build_tiny_backbone, build_tiny_bert
+from lightning_modules.pipelines import tiny_pipeline
 
 CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "tiny"
 
@@ -31,20 +32,6 @@ def fit(tmp_path_factory):
     return run
 
 
-def base_pipeline() -> StableDiffusionPipeline:
-    tiny = build_tiny_backbone()
-    return StableDiffusionPipeline(
-        vae=tiny.vae,
-        text_encoder=tiny.text_encoder,
-        tokenizer=tiny.tokenizer,
-        unet=tiny.unet,
-        scheduler=build_sampler(tiny.sampler_config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -61,7 +48,7 @@ def render(pipe, seed: int = 0):
 
 def test_textual_inversion_export_loads_in_diffusers(fit):
     cli, root = fit("textual_inversion")
-    pipe = base_pipeline()
+    pipe = tiny_pipeline()
     base_rows = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
     pipe.load_textual_inversion(str(root / "export" / "learned_embeds.safetensors"))
 
@@ -82,7 +69,7 @@ def test_textual_inversion_export_loads_in_diffusers(fit):
 def test_unet_export_is_a_diffusers_pipeline_with_only_the_unet_changed(fit):
     cli, root = fit("unet")
     exported = StableDiffusionPipeline.from_pretrained(root / "export")
-    base = base_pipeline()
+    base = tiny_pipeline()
     assert not same_weights(exported.unet, base.unet)
     assert same_weights(exported.vae, base.vae)
     assert same_weights(exported.text_encoder, base.text_encoder)
@@ -120,7 +107,7 @@ def test_run_folder_holds_config_logs_checkpoints_and_export(fit):
 def test_lora_export_loads_with_load_lora_weights_and_changes_the_output(fit):
     cli, root = fit("lora")
     assert (root / "export" / "pytorch_lora_weights.safetensors").is_file()
-    pipe = base_pipeline()
+    pipe = tiny_pipeline()
     before = render(pipe)
     pipe.load_lora_weights(str(root / "export"))
     after = render(pipe)
@@ -137,7 +124,7 @@ def test_lora_export_loads_with_load_lora_weights_and_changes_the_output(fit):
 def test_text_encoder_and_unet_tuning_changes_both(fit):
     _, root = fit("text_encoder")
     exported = StableDiffusionPipeline.from_pretrained(root / "export")
-    base = base_pipeline()
+    base = tiny_pipeline()
     assert not same_weights(exported.text_encoder, base.text_encoder)
     assert not same_weights(exported.unet, base.unet)
     assert same_weights(exported.vae, base.vae)
@@ -146,7 +133,7 @@ def test_text_encoder_and_unet_tuning_changes_both(fit):
 def test_text_encoder_alone_leaves_the_unet_identical(fit):
     cli, root = fit("text_encoder", "--model.init_args.train_unet", "false")
     exported = StableDiffusionPipeline.from_pretrained(root / "export")
-    base = base_pipeline()
+    base = tiny_pipeline()
     assert not same_weights(exported.text_encoder, base.text_encoder)
     assert same_weights(exported.unet, base.unet)
     assert same_weights(exported.vae, base.vae)
