@@ -23,17 +23,20 @@ import torch
 from .statistics import FeatureStatistics, frechet_distance
 
 
-def bootstrap_ci(
-    statistic: Callable[[np.ndarray], float],
+def bootstrap_intervals(
+    statistics: Callable[[np.ndarray], dict[str, float]],
     n: int,
     resamples: int = 200,
     confidence: float = 0.95,
     seed: int = 0,
-) -> tuple[float, float]:
-    """Percentile interval of `statistic(indices)` over resampled index arrays.
+) -> dict[str, tuple[float | None, float | None]]:
+    """Percentile intervals of several scores computed on the same resamples (a paired bootstrap).
 
-    `statistic` receives `n` indices into the caller's samples, drawn with replacement, and
-    returns the score of that resample. The same seed gives the same interval.
+    `statistics` receives `n` indices into the caller's samples, drawn with replacement, and
+    returns named scores of that resample. A score may be NaN on some resamples (an AUROC when a
+    resample holds a single class): those resamples are left out of that score's interval, and a
+    score undefined on more than half of them gets (None, None) rather than an interval from the
+    few resamples that happened to work. The same seed gives the same intervals.
     """
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
@@ -42,10 +45,31 @@ def bootstrap_ci(
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     rng = np.random.default_rng(seed)
-    values = np.array([statistic(rng.integers(n, size=n)) for _ in range(resamples)], dtype=np.float64)
+    draws = [statistics(rng.integers(n, size=n)) for _ in range(resamples)]
     tail = (1 - confidence) / 2
-    low, high = np.quantile(values, [tail, 1 - tail])
-    return float(low), float(high)
+    intervals = {}
+    for name in draws[0]:
+        values = np.array([draw[name] for draw in draws], dtype=np.float64)
+        values = values[np.isfinite(values)]
+        if len(values) * 2 < resamples:
+            intervals[name] = (None, None)
+            continue
+        low, high = np.quantile(values, [tail, 1 - tail])
+        intervals[name] = (float(low), float(high))
+    return intervals
+
+
+def bootstrap_ci(
+    statistic: Callable[[np.ndarray], float],
+    n: int,
+    resamples: int = 200,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float | None, float | None]:
+    """Percentile interval of one score `statistic(indices)` (see `bootstrap_intervals`)."""
+    return bootstrap_intervals(lambda indices: {"score": statistic(indices)}, n, resamples, confidence, seed)[
+        "score"
+    ]
 
 
 def fid_bootstrap_ci(

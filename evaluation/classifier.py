@@ -1,13 +1,6 @@
-"""Multi-label chest X-ray classifiers and the papers' classifier protocols.
+"""Multi-label chest X-ray classifiers: training, prediction, thresholds and test metrics.
 
-Two protocols judge generated images with a classifier rather than a distance between feature
-distributions, because they ask a clinical question: does the image show what its prompt says?
-
-- `abnormality_insertion` (Chambon et al. 2022): a DenseNet-121 trained on real radiographs scores
-  the synthetic images whose prompts state a finding; the share it calls positive is the
-  detection rate (95% for pleural effusion in the paper's best model).
-- `augmentation_protocol` (RoentGen): the same classifier is trained on real, on synthetic and on
-  real + synthetic images and each is tested on the same real test split.
+The papers' protocols built on them (abnormality insertion, augmentation) are in `protocols.py`.
 
 Labels follow CheXpert's values: 1.0 positive, 0.0 negative, -1.0 uncertain, NaN for blank ("not
 mentioned"). Defaults, as in most CheXpert work: blank counts as negative (a report that does not
@@ -53,9 +46,6 @@ UNCERTAIN_POLICIES = ("ignore", "zeros", "ones")
 BLANK_POLICIES = ("negative", "ignore")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# Pixel standard deviation (grayscale in [0, 1]) under which a generated image counts as uniform
-# (blank: black, grey or white), not as a radiograph.
-UNIFORM_STD = 0.02
 
 ImageInput = str | os.PathLike | Image.Image
 
@@ -456,130 +446,6 @@ def _macro(per_label: dict[str, dict]) -> dict:
     return macro
 
 
-# --- protocols -----------------------------------------------------------------------------------
-
-
-def abnormality_insertion(
-    classifier: TrainedClassifier,
-    synthetic_images: Sequence[ImageInput],
-    synthetic_labels: torch.Tensor,
-    label_names: Sequence[str],
-    findings: Sequence[str] = ("Pleural Effusion",),
-) -> dict:
-    """Chambon et al.'s check: does a classifier trained on REAL images see the finding a prompt asked for?
-
-    synthetic_labels: [N, L] what each image's prompt states (columns `label_names`). Per finding:
-    the detection rate over images whose prompt states it (1.0), and the false-positive rate over
-    images whose prompt states it is absent (0.0), None when there are none. A high detection rate
-    alone could come from a classifier that calls everything positive; the false-positive rate
-    rules that out.
-
-    Uniform images (blank black, grey or white ones, as a generator's fp16 NaNs produce) are
-    counted per group (`n_uniform_*`) but scored like any other: the rates stay the protocol's. A
-    classifier's output on an image so unlike a radiograph is arbitrary (it may well call it
-    positive), so a detection rate means little when uniform images are among those scored.
-    """
-    synthetic = LabelledImages(list(synthetic_images), synthetic_labels, list(label_names))
-    missing = [f for f in findings if f not in classifier.label_names or f not in synthetic.label_names]
-    if missing:
-        raise ValueError(
-            f"findings {missing} must be labels of both the classifier {classifier.label_names} "
-            f"and the synthetic images {synthetic.label_names}"
-        )
-    probabilities = predict(classifier, synthetic.images)
-    flat = torch.tensor([is_uniform(image, classifier.settings.image_size) for image in synthetic.images])
-    results = {}
-    for finding in findings:
-        stated = synthetic.labels[:, synthetic.label_names.index(finding)]
-        scores = probabilities[:, classifier.label_names.index(finding)]
-        threshold = classifier.thresholds[finding]
-        results[finding] = {
-            "threshold": threshold,
-            **_positive_share(scores, flat, stated == 1, threshold, "stated_present", "detection_rate"),
-            **_positive_share(scores, flat, stated == 0, threshold, "stated_absent", "false_positive_rate"),
-        }
-    return {
-        "protocol": "abnormality insertion (Chambon et al. 2022): real-trained classifier, synthetic images",
-        "n_images": len(synthetic),
-        "n_uniform_images": int(flat.sum()),
-        "findings": results,
-        "seed": classifier.settings.seed,
-        "architecture": classifier.settings.arch,
-        "classifier": classifier.describe(),
-    }
-
-
-def _positive_share(
-    scores: torch.Tensor, uniform: torch.Tensor, chosen: torch.Tensor, threshold: float, group: str, rate: str
-) -> dict:
-    """Of the `chosen` images: how many, how many uniform, how many reach `threshold`, that share
-    and the mean score."""
-    scores = scores[chosen]
-    n, hits = len(scores), int((scores >= threshold).sum())
-    return {
-        f"n_{group}": n,
-        f"n_uniform_{group}": int(uniform[chosen].sum()),
-        f"n_predicted_positive_{group}": hits,
-        rate: hits / n if n else None,
-        f"mean_probability_{group}": float(scores.mean()) if n else None,
-    }
-
-
-def is_uniform(image: ImageInput, size: int) -> bool:
-    """Near-uniform: a pixel standard deviation under UNIFORM_STD (a radiograph's is about 0.2)."""
-    return float(gray_pixels(image, size).std()) < UNIFORM_STD
-
-
-def augmentation_protocol(
-    real_train: LabelledImages,
-    synthetic: LabelledImages,
-    real_test: LabelledImages,
-    settings: ClassifierSettings | None = None,
-    real_validation: LabelledImages | None = None,
-    label_names: Sequence[str] | None = None,
-) -> dict:
-    """RoentGen's check: train on real, on synthetic and on real + synthetic; test each on real.
-
-    All three use the same settings and seed (the same epochs, so larger sets train for more steps;
-    `steps` is reported). label_names: the labels to train and test (default: real_train's); every
-    set must carry them. Thresholds, when chosen, come from `real_validation`. Reports each run's
-    test metrics and its macro accuracy and AUROC minus the real-only run's.
-    """
-    settings = settings or ClassifierSettings()
-    names = list(label_names or real_train.label_names)
-    real_train, synthetic, real_test = (s.select(names) for s in (real_train, synthetic, real_test))
-    training_sets = {"real": real_train, "synthetic": synthetic, "real+synthetic": real_train + synthetic}
-    runs = {}
-    for name, data in training_sets.items():
-        log.info("augmentation protocol: training on %s (%d images)", name, len(data))
-        classifier = train_classifier(data.images, data.labels, names, settings, real_validation)
-        probabilities = predict(classifier, real_test.images)
-        runs[name] = {
-            "n_train": len(data),
-            "steps": classifier.steps,
-            "thresholds": classifier.thresholds,
-            "test": evaluate(probabilities, real_test.labels, names, classifier.thresholds, settings.blank),
-        }
-    for run in runs.values():
-        run["macro_minus_real"] = {
-            metric: _difference(run["test"]["macro"][metric], runs["real"]["test"]["macro"][metric])
-            for metric in ("accuracy", "auroc")
-        }
-    return {
-        "protocol": "augmentation (RoentGen): train on real / synthetic / real+synthetic, test on real",
-        "labels": names,
-        "n_test": len(real_test),
-        "seed": settings.seed,
-        "architecture": settings.arch,
-        "settings": asdict(settings),
-        "runs": runs,
-    }
-
-
-def _difference(value: float | None, reference: float | None) -> float | None:
-    return None if value is None or reference is None else value - reference
-
-
 # --- checks --------------------------------------------------------------------------------------
 
 
@@ -601,12 +467,9 @@ __all__ = [
     "ClassifierSettings",
     "LabelledImages",
     "TrainedClassifier",
-    "abnormality_insertion",
-    "augmentation_protocol",
     "build_network",
     "evaluate",
     "fit_thresholds",
-    "is_uniform",
     "label_metrics",
     "label_targets",
     "masked_bce",

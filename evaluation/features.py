@@ -115,16 +115,25 @@ class XRVFeatures(FeatureExtractor):
 
 
 class CLIPFeatures(FeatureExtractor):
-    """An open_clip image tower (CLIP ViT-B/32, BiomedCLIP, ...): its normalised image embedding.
+    """An open_clip model (CLIP ViT-B/32, BiomedCLIP, ...): its normalised image embedding as
+    features, and its text tower for prompt alignment (`text_features`).
 
-    `pretrained` is a weight file path or an open_clip tag already in the local cache; `model`
-    may be given directly (tests build a small one from config).
+    `model_name` is an open_clip model name or the path of a model config JSON (registered under
+    its file stem, for local or custom architectures); `pretrained` is a weight file path or an
+    open_clip tag already in the local cache; `model` may be given directly (tests build a small
+    one from config).
     """
 
     def __init__(self, model_name: str = "ViT-B-32", pretrained: str | None = None, model=None):
         super().__init__()
         import open_clip
 
+        if model_name.endswith(".json"):
+            if not Path(model_name).is_file():
+                raise MissingWeightsError(f"open_clip model config {model_name} not found")
+            open_clip.add_model_config(model_name)
+            model_name = Path(model_name).stem
+        self.model_name = model_name
         if model is None:
             try:
                 model = open_clip.create_model(model_name, pretrained=pretrained)
@@ -158,3 +167,23 @@ class CLIPFeatures(FeatureExtractor):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         x = self.preprocess(images.to(self.mean.device))
         return F.normalize(self.net.encode_image(x).float(), dim=-1)
+
+    @torch.no_grad()
+    def text_features(self, prompts: list[str]) -> tuple[torch.Tensor, int]:
+        """(Normalised text embeddings [B, D] float64, how many prompts filled the whole context).
+
+        open_clip's tokenizers cut a prompt at the model's context length (77 tokens for CLIP); a
+        prompt that fills it was most likely cut, and its score judges only its beginning.
+        """
+        import open_clip
+
+        try:
+            tokenizer = open_clip.get_tokenizer(self.model_name)
+        except Exception as error:  # hub-hosted tokenizers (BiomedCLIP's) fail offline in several ways
+            raise MissingWeightsError(
+                f"the tokenizer of open_clip {self.model_name} could not be loaded offline ({error})"
+            ) from error
+        tokens = tokenizer(prompts)
+        at_limit = int((tokens[:, -1] != 0).sum())
+        embeddings = self.net.encode_text(tokens.to(self.mean.device)).float()
+        return F.normalize(embeddings, dim=-1).double().cpu(), at_limit

@@ -17,6 +17,8 @@ import logging
 import numpy as np
 import torch
 
+from .bootstrap import bootstrap_ci
+
 log = logging.getLogger(__name__)
 
 
@@ -79,3 +81,45 @@ def kernel_inception_distance(
         y_subset = y[rng.choice(len(y), subset_size, replace=False)]
         mmds[i] = polynomial_mmd2(x_subset, y_subset, degree, gamma, coef0)
     return float(mmds.mean()), float(mmds.std())
+
+
+def kid_bootstrap_ci(
+    real: torch.Tensor | np.ndarray,
+    fake: torch.Tensor | np.ndarray,
+    resamples: int = 200,
+    confidence: float = 0.95,
+    seed: int = 0,
+    degree: int = 3,
+    gamma: float | None = None,
+    coef0: float = 1.0,
+) -> tuple[float | None, float | None]:
+    """Bootstrap interval of the squared MMD from the fixed real features to resampled generated ones.
+
+    As for FID, only the generated set is resampled. Each resample's MMD^2 is the unbiased
+    full-set estimate (every real and generated sample at once, not subsets: it has the same
+    expectation as the subset mean that KID reports), computed from kernel matrices built once:
+    with c the resample's count of each generated sample, the generated-generated term averages
+    k over pairs of distinct samples, (c'Kc - sum c_i^2 K_ii) / (M^2 - sum c_i^2), so a sample drawn
+    twice is never paired with itself. Memory: an M x M and an N x M float64 matrix.
+    """
+    x, y = _features("real", real), _features("fake", fake)
+    if len(x) < 2 or len(y) < 2:
+        raise ValueError(f"KID needs at least 2 samples per set, got real {len(x)}, fake {len(y)}")
+    gamma = 1.0 / x.shape[1] if gamma is None else gamma
+    k_xx = (x @ x.T * gamma + coef0) ** degree
+    n, m = len(x), len(y)
+    real_term = (k_xx.sum() - np.trace(k_xx)) / (n * (n - 1))
+    del k_xx
+    cross = ((x @ y.T * gamma + coef0) ** degree).mean(axis=0)  # [M]: mean kernel to the real set
+    k_yy = (y @ y.T * gamma + coef0) ** degree
+    diagonal = np.diag(k_yy).copy()
+
+    def mmd2(indices: np.ndarray) -> float:
+        counts = np.bincount(indices, minlength=m).astype(np.float64)
+        same = (counts**2).sum()
+        if same >= m * m:  # one sample drawn m times: no pair of distinct samples
+            return float("nan")
+        fake_term = (counts @ k_yy @ counts - (counts**2 * diagonal).sum()) / (m * m - same)
+        return float(real_term + fake_term - 2 * counts @ cross / m)
+
+    return bootstrap_ci(mmd2, m, resamples, confidence, seed)

@@ -20,11 +20,12 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from datamodules.base import stack_labels
 from datamodules.images import load_image
 
-from .bootstrap import fid_bootstrap_ci
-from .features import FeatureExtractor, MissingWeightsError
-from .kid import kernel_inception_distance
+from .bootstrap import bootstrap_ci, fid_bootstrap_ci
+from .features import CLIPFeatures, FeatureExtractor, MissingWeightsError
+from .kid import kernel_inception_distance, kid_bootstrap_ci
 from .ms_ssim import cross_prompt_diversity, intra_prompt_diversity
 from .statistics import FeatureStatistics, frechet_distance
 
@@ -59,6 +60,32 @@ class Generated:
             prompt_index=[int(i) for i in table["prompt_index"]],
             labels=labels or [None] * len(table),
         )
+
+    def stated_labels(self) -> tuple[list[str], torch.Tensor, torch.Tensor, int]:
+        """What each image's prompt states: (label names, CheXpert values [N, L], labelled [N] bool,
+        number of conflicting values).
+
+        A prompt shared by records with different labels (two reports with the same impression)
+        carries several label sets; where they disagree on a label, the image gets -1 (uncertain)
+        for it, which the protocols leave out, rather than one report's value. Images whose prompt
+        has no labels are marked unlabelled (all NaN).
+        """
+        sets = [label_sets or [] for label_sets in self.labels]
+        names = next((list(label_sets[0]) for label_sets in sets if label_sets), [])
+        if not names:
+            raise ValueError("the manifest's prompts carry no labels (sample from a labelled dataset split)")
+        values = torch.full((len(sets), len(names)), float("nan"))
+        conflicts = 0
+        for i, label_sets in enumerate(sets):
+            if not label_sets:
+                continue
+            _, stacked = stack_labels([{name: row.get(name) for name in names} for row in label_sets])
+            first = stacked[0]
+            agree = ((stacked == first) | (stacked.isnan() & first.isnan())).all(dim=0)
+            values[i] = torch.where(agree, first, torch.tensor(-1.0))
+            conflicts += int((~agree).sum())
+        labelled = torch.tensor([bool(label_sets) for label_sets in sets])
+        return names, values, labelled, conflicts
 
     def groups(self) -> list[list[int]]:
         """Row numbers of the images of each prompt."""
@@ -138,9 +165,12 @@ def fid_and_kid(real: np.ndarray, fake: np.ndarray, resamples: int, seed: int) -
         fid_bootstrap_ci(real_stats, fake, resamples=resamples, seed=seed) if resamples else (None, None)
     )
     kid, kid_std = kernel_inception_distance(real, fake, seed=seed)
+    kid_low, kid_high = (
+        kid_bootstrap_ci(real, fake, resamples=resamples, seed=seed) if resamples else (None, None)
+    )
     return [
         {"metric": "fid", "value": fid, "ci_low": low, "ci_high": high},
-        {"metric": "kid", "value": kid, "std": kid_std},
+        {"metric": "kid", "value": kid, "std": kid_std, "ci_low": kid_low, "ci_high": kid_high},
     ]
 
 
@@ -188,3 +218,34 @@ def run_metric(name: str, rows: list[dict], skipped: dict, compute: Callable[[],
     except (MissingWeightsError, ValueError) as error:
         log.warning("skipping %s: %s", name, error)
         skipped[name] = str(error)
+
+
+def clip_score(
+    extractor: CLIPFeatures, image_features: np.ndarray, prompts: list[str], resamples: int, seed: int
+) -> list[dict]:
+    """Prompt alignment: the mean over images of 100 * max(cos(image, prompt), 0) in the CLIP
+    embedding space (the CLIPScore convention of torchmetrics), with a bootstrap interval over images.
+
+    image_features: the extractor's normalised image embeddings of the generated images, in
+    manifest order; prompts: each image's prompt.
+    """
+    unique = list(dict.fromkeys(prompts))
+    text, at_limit = extractor.text_features(unique)
+    rows = torch.as_tensor([unique.index(p) for p in prompts])
+    cosine = (torch.as_tensor(image_features) * text[rows]).sum(dim=1).numpy()
+    scores = 100 * np.maximum(cosine, 0)
+    low, high = (
+        bootstrap_ci(lambda i: float(scores[i].mean()), len(scores), resamples, seed=seed)
+        if resamples
+        else (None, None)
+    )
+    return [
+        {
+            "metric": "clip_score",
+            "value": float(scores.mean()),
+            "ci_low": low,
+            "ci_high": high,
+            "prompts": len(unique),
+            "prompts_at_context_limit": at_limit,
+        }
+    ]

@@ -5,6 +5,12 @@
 
 Writes `metrics.json`, `metrics.csv`, `summary.md` and TensorBoard scalars into `--out`
 (default `<generated>/metrics`). Every row names its extractor, weights, preprocessing and N.
+
+Metrics: FID and KID per feature extractor (Inception, torchxrayvision, open_clip), MS-SSIM
+within and across prompts, CLIP score, memorisation against the training split, and the classifier
+protocols (abnormality insertion, augmentation) when the config's data carries labels; bootstrap
+intervals for FID, KID, CLIP score and the classifier metrics. What cannot run (missing weights,
+unlabelled data, `--real-folder` without splits) is listed under `skipped` with the reason.
 """
 
 from __future__ import annotations
@@ -13,12 +19,16 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from evaluation.classifier import ARCHS, ClassifierSettings, LabelledImages
+from evaluation.classifier_suite import PROTOCOLS, classifier_protocols
 from evaluation.features import CLIPFeatures, InceptionFeatures, XRVFeatures
 from evaluation.suite import (
     Generated,
     RealSet,
+    clip_score,
     diversity,
     extract,
     fid_and_kid,
@@ -47,14 +57,48 @@ def build_extractors(args) -> tuple[dict, dict]:
     return extractors, skipped
 
 
-def real_paths(args, config_args: list[str], split: str) -> list[str]:
-    if args.real_folder:
-        folder = Path(args.real_folder)
-        return sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    from experiments.cli import build_datamodule
+class RealData:
+    """The real images: a folder (standing for the evaluated split only), or the splits of a
+    config's DataModule (built once, on first use)."""
 
-    records = build_datamodule(config_args).records(split)
-    return [r.image for r in records if isinstance(r.image, str)]
+    def __init__(self, folder: str | None, split: str, config_args: list[str]):
+        self.folder, self.split, self.config_args, self._datamodule = folder, split, config_args, None
+
+    def records(self, split: str) -> list:
+        if self.folder:
+            raise ValueError(f"the '{split}' split needs a config's DataModule, not --real-folder")
+        if self._datamodule is None:
+            from experiments.cli import build_datamodule
+
+            self._datamodule = build_datamodule(self.config_args)
+        return self._datamodule.records(split)
+
+    def paths(self, split: str) -> list[str]:
+        if self.folder and split == self.split:
+            folder = Path(self.folder)
+            return sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        return [r.image for r in self.records(split) if isinstance(r.image, str)]
+
+    def labelled(self, split: str) -> LabelledImages:
+        """A split's images with their labels; an error when the split is empty or unlabelled."""
+        records = self.records(split)
+        if not records:
+            raise ValueError(f"the '{split}' split has no records")
+        return LabelledImages.from_records(records)
+
+
+def classifier_settings(args) -> ClassifierSettings:
+    threshold = args.classifier_threshold
+    return ClassifierSettings(
+        arch=args.classifier,
+        image_size=args.classifier_size,
+        pretrained_weights=args.classifier_weights,
+        epochs=args.classifier_epochs,
+        batch_size=args.classifier_batch_size,
+        lr=args.classifier_lr,
+        threshold=threshold if threshold == "validation" else float(threshold),
+        seed=args.seed,
+    )
 
 
 def evaluate(args, config_args: list[str]) -> dict:
@@ -62,44 +106,77 @@ def evaluate(args, config_args: list[str]) -> dict:
     fake_images = load_uint8(generated.paths, args.size)
     size = args.size or fake_images.shape[-1]
     cache = Path(args.stats_cache) if args.stats_cache else None
-    real = RealSet(real_paths(args, config_args, args.real_split), size, cache)
+    data = RealData(args.real_folder, args.real_split, config_args)
+    real = RealSet(data.paths(args.real_split), size, cache)
     extractors, skipped = build_extractors(args)
+    fake_features = {name: None for name in extractors}
+
+    def fake(name: str) -> np.ndarray:
+        """The generated images' features, extracted once per extractor."""
+        if fake_features[name] is None:
+            fake_features[name] = extract(extractors[name], fake_images)
+        return fake_features[name]
+
     rows: list[dict] = []
-
+    n = {"n_generated": len(generated.paths)}
     for name, extractor in extractors.items():
-        labelled = {**extractor.label, "n_real": len(real.paths), "n_generated": len(generated.paths)}
 
-        def scores(extractor=extractor, labelled=labelled) -> list[dict]:
-            fake = extract(extractor, fake_images)
-            return [
-                {**row, **labelled} for row in fid_and_kid(real.features(extractor), fake, args.bootstrap, 0)
-            ]
+        def scores(name=name, extractor=extractor) -> list[dict]:
+            labelled = {**extractor.label, "n_real": len(real.paths), **n}
+            pairs = fid_and_kid(real.features(extractor), fake(name), args.bootstrap, args.seed)
+            return [{**row, **labelled} for row in pairs]
 
         run_metric(f"fid/kid ({name})", rows, skipped, scores)
 
-    run_metric("ms-ssim", rows, skipped, lambda: diversity(generated, fake_images))
+    run_metric("ms-ssim", rows, skipped, lambda: [{**row, **n} for row in diversity(generated, fake_images)])
 
-    if args.train_split and extractors and not args.real_folder:
+    if "clip" in extractors:
+        clip = extractors["clip"]
+
+        def alignment() -> list[dict]:
+            score = clip_score(clip, fake("clip"), generated.prompts, args.bootstrap, args.seed)
+            return [{**row, **clip.label, **n} for row in score]
+
+        run_metric("clip score", rows, skipped, alignment)
+
+    if args.train_split and extractors:
         name, extractor = next(iter(extractors.items()))
-        train = RealSet(real_paths(args, config_args, args.train_split), size, cache)
 
         def copies() -> list[dict]:
+            train = RealSet(data.paths(args.train_split), size, cache)
             row = memorisation(
-                train.features(extractor),
-                real.features(extractor),
-                extract(extractor, fake_images),
-                args.memorisation_quantile,
+                train.features(extractor), real.features(extractor), fake(name), args.memorisation_quantile
             )
-            return [
-                {**row, **extractor.label, "n_real": len(train.paths), "n_generated": len(generated.paths)}
-            ]
+            return [{**row, **extractor.label, "n_real": len(train.paths), **n}]
 
         run_metric("memorisation", rows, skipped, copies)
+
+    protocols: dict = {}
+    if args.classifier != "none" and args.protocols:
+
+        def judged() -> list[dict]:
+            reports, protocol_rows = classifier_protocols(
+                generated,
+                data.labelled(args.train_split),
+                data.labelled(args.real_split),
+                data.labelled(args.val_split) if args.classifier_threshold == "validation" else None,
+                classifier_settings(args),
+                args.protocols,
+                args.findings,
+                args.bootstrap,
+                args.classifier_labels,
+            )
+            protocols.update(reports)
+            return protocol_rows
+
+        run_metric("classifier protocols", rows, skipped, judged)
 
     return {
         "size": size,
         "real_split": args.real_folder or args.real_split,
+        "bootstrap": {"resamples": args.bootstrap, "confidence": 0.95, "seed": args.seed},
         "metrics": rows,
+        "classifier_protocols": protocols,
         "skipped": skipped,
     }
 
@@ -110,7 +187,9 @@ def write_text_atomically(path: Path, text: str) -> None:
 
 def markdown_table(table: pd.DataFrame) -> list[str]:
     def cell(value) -> str:
-        return f"{value:.4g}" if isinstance(value, float) else ("" if value is None else str(value))
+        if isinstance(value, float):
+            return "" if np.isnan(value) else f"{value:.4g}"
+        return "" if value is None else str(value)
 
     lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
     return lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
@@ -123,17 +202,24 @@ def write_outputs(result: dict, out: Path) -> None:
     write_text_atomically(out / "metrics.csv", table.to_csv(index=False))
     lines = [f"# Evaluation ({result['size']} px, real: {result['real_split']})", ""]
     if len(table):
-        columns = [c for c in ("metric", "value", "ci_low", "ci_high", "extractor", "n_real", "n_generated")
-                   if c in table]  # fmt: skip
-        lines += markdown_table(table[columns]) + [""]
+        columns = ["metric", "run", "label", "value", "ci_low", "ci_high", "extractor"]
+        columns += ["n_real", "n_generated"]
+        lines += markdown_table(table[[c for c in columns if c in table]]) + [""]
     lines += [f"- skipped {name}: {reason}" for name, reason in result["skipped"].items()]
     write_text_atomically(out / "summary.md", "\n".join(lines) + "\n")
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(out)) as writer:
         for row in result["metrics"]:
-            tag = row["metric"] + (f"/{row['extractor'].split()[0]}" if "extractor" in row else "")
-            writer.add_scalar(f"eval/{tag}", row["value"])
+            writer.add_scalar(tensorboard_tag(row), row["value"])
+
+
+def tensorboard_tag(row: dict) -> str:
+    """eval/<metric>[/<run>][/<label>][/<extractor's first word>], one tag per row."""
+    parts = [row["metric"], row.get("run"), row.get("label")]
+    if row.get("extractor"):
+        parts.append(row["extractor"].split()[0])
+    return "/".join(["eval", *(str(p).replace(" ", "_") for p in parts if p)])
 
 
 def main(argv: list[str]) -> None:
@@ -152,8 +238,23 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--xrv-weights-dir", help="folder with torchxrayvision's densenet121-res224-all")
     parser.add_argument("--clip-model", default="ViT-B-32")
     parser.add_argument("--clip-weights", help="open_clip weight file or cached tag")
-    parser.add_argument("--bootstrap", type=int, default=200, help="FID bootstrap resamples (0: none)")
+    parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples (0: no intervals)")
     parser.add_argument("--memorisation-quantile", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0, help="for KID subsets, bootstraps and classifiers")
+    classifier = parser.add_argument_group("classifier protocols (need a config with labelled splits)")
+    classifier.add_argument("--classifier", choices=[*ARCHS, "none"], default="densenet121")
+    classifier.add_argument("--protocols", nargs="*", choices=PROTOCOLS, default=list(PROTOCOLS))
+    classifier.add_argument("--classifier-labels", nargs="+", help="default: all labels of both sets")
+    classifier.add_argument("--findings", nargs="+", help="labels to insert (default: all stated present)")
+    classifier.add_argument("--classifier-size", type=int, default=224)
+    classifier.add_argument("--classifier-epochs", type=int, default=10)
+    classifier.add_argument("--classifier-batch-size", type=int, default=32)
+    classifier.add_argument("--classifier-lr", type=float, default=1e-4)
+    classifier.add_argument("--classifier-weights", help="torchvision ImageNet DenseNet-121 file")
+    classifier.add_argument(
+        "--classifier-threshold", default="0.5", help="a probability or 'validation' (Youden's J)"
+    )
+    classifier.add_argument("--val-split", default="val")
     parser.add_argument("--stats-cache", help="folder caching real-set features")
     parser.add_argument("--out", help="default: <generated>/metrics")
     args, config_args = parser.parse_known_args(argv)

@@ -21,8 +21,6 @@ from evaluation.classifier import (
     ClassifierSettings,
     LabelledImages,
     TrainedClassifier,
-    abnormality_insertion,
-    augmentation_protocol,
     build_network,
     evaluate,
     fit_thresholds,
@@ -31,6 +29,7 @@ from evaluation.classifier import (
     predict,
     train_classifier,
 )
+from evaluation.protocols import abnormality_insertion, augmentation_protocol
 
 NAN = math.nan
 EFFUSION = "Pleural Effusion"
@@ -260,8 +259,14 @@ def test_real_trained_classifier_detects_pleural_effusion_on_test_phantoms(phant
 def test_abnormality_insertion_tells_good_images_from_bad(phantoms, real_classifier):
     test = phantoms["test"]
     column = test.label_names.index(EFFUSION)
-    good = abnormality_insertion(real_classifier, test.images, test.labels, test.label_names, [EFFUSION])
+    good = abnormality_insertion(
+        real_classifier, test.images, test.labels, test.label_names, [EFFUSION], resamples=100
+    )
     effusion = good["findings"][EFFUSION]
+    low, high = effusion["detection_rate_ci"]
+    assert low <= effusion["detection_rate"] <= high
+    low, high = effusion["false_positive_rate_ci"]
+    assert low <= effusion["false_positive_rate"] <= high
     assert effusion["n_stated_present"] >= 15 and effusion["detection_rate"] >= 0.9
     assert effusion["n_stated_absent"] >= 15 and effusion["false_positive_rate"] <= 0.1
     assert good["n_uniform_images"] == 0 and effusion["threshold"] == 0.5
@@ -309,10 +314,32 @@ def test_augmentation_protocol_with_validation_thresholds(phantoms):
     train, val, test = phantoms["train"], phantoms["val"], phantoms["test"]
     real = LabelledImages(train.images[:40], train.labels[:40], train.label_names)
     settings = ClassifierSettings(arch="tiny", image_size=64, epochs=1, lr=1e-3, threshold="validation")
-    result = augmentation_protocol(real, real, test, settings, real_validation=val, label_names=[EFFUSION])
+    result = augmentation_protocol(
+        real, real, test, settings, real_validation=val, label_names=[EFFUSION], resamples=40
+    )
     threshold = result["runs"]["synthetic"]["thresholds"][EFFUSION]
     assert 0 < threshold < 1
     assert result["runs"]["synthetic"]["test"]["per_label"][EFFUSION]["threshold"] == threshold
+    # "synthetic" is the same data, settings and seed as "real": the same network. The bootstrap is
+    # paired (the same test resamples for every run), so their difference is exactly 0 on every
+    # resample while each run's own interval is as wide as the test set makes it.
+    synthetic_ci = result["runs"]["synthetic"]["test"]["ci"]
+    assert synthetic_ci["minus_real"] == {"accuracy": [0.0, 0.0], "auroc": [0.0, 0.0]}
+    low, high = synthetic_ci["macro"]["auroc"]
+    assert low < result["runs"]["synthetic"]["test"]["macro"]["auroc"] <= high and high - low > 0.01
+    assert synthetic_ci[EFFUSION]["accuracy"] == result["runs"]["real"]["test"]["ci"][EFFUSION]["accuracy"]
+
+
+def test_augmentation_protocol_reuses_a_given_real_classifier(phantoms, real_classifier):
+    train, test = phantoms["train"], phantoms["test"]
+    names = list(train.label_names)
+    few = LabelledImages(train.images[:20], train.labels[:20], names)
+    result = augmentation_protocol(train, few, test, TINY, label_names=names, real_classifier=real_classifier)
+    expected = evaluate(predict(real_classifier, test.images), test.labels, names)
+    assert result["runs"]["real"]["test"] == expected
+    assert result["runs"]["real"]["steps"] == real_classifier.steps
+    with pytest.raises(ValueError, match="settings and labels"):
+        augmentation_protocol(train, few, test, replace(TINY, epochs=1), real_classifier=real_classifier)
 
 
 def test_labelled_images_from_records_select_and_combine(phantoms):

@@ -1,12 +1,15 @@
 """`medsd evaluate` end to end on small image folders, against torch-fidelity's FID."""
 
 import json
+import math
 
 import pandas as pd
 import pytest
+import torch
 import torch_fidelity
 
 from datamodules.synthetic import make_shape_image
+from evaluation.suite import Generated
 from experiments.cli import main as medsd
 from tests.evaluation_helpers import random_inception_weights
 
@@ -84,3 +87,26 @@ def test_outputs_are_written(evaluated):
     summary = (out / "summary.md").read_text()
     assert "| fid |" in summary and "skipped xrv features" in summary
     assert list(out.glob("events.out.tfevents.*"))
+
+
+def test_stated_labels_keep_agreement_and_mark_conflicts_uncertain(tmp_path):
+    rows = [
+        [{"Effusion": 1.0, "Edema": None}],
+        # Two reports with the same impression: they agree on Edema, disagree on Effusion.
+        [{"Effusion": 1.0, "Edema": 0.0}, {"Effusion": 0.0, "Edema": 0.0}],
+        [],  # a prompt from a text file: no labels
+    ]
+    pd.DataFrame(
+        {
+            "prompt_index": [0, 1, 2],
+            "prompt": ["a", "b", "c"],
+            "path": ["x.png", "y.png", "z.png"],
+            "labels": [json.dumps(r) for r in rows],
+        }
+    ).to_csv(tmp_path / "manifest.csv", index=False)
+    names, values, labelled, conflicts = Generated.from_manifest(tmp_path).stated_labels()
+    assert names == ["Effusion", "Edema"] and conflicts == 1
+    assert labelled.tolist() == [True, True, False]
+    torch.testing.assert_close(
+        values, torch.tensor([[1.0, math.nan], [-1.0, 0.0], [math.nan, math.nan]]), equal_nan=True
+    )

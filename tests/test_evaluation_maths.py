@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from pytorch_msssim import ms_ssim
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 
-from evaluation.bootstrap import bootstrap_ci, fid_bootstrap_ci
-from evaluation.kid import kernel_inception_distance
+from evaluation.bootstrap import bootstrap_ci, bootstrap_intervals, fid_bootstrap_ci
+from evaluation.kid import kernel_inception_distance, kid_bootstrap_ci, polynomial_mmd2
 from evaluation.ms_ssim import cross_prompt_diversity, intra_prompt_diversity, ms_ssim_pairs, to_grayscale
 from evaluation.statistics import FeatureStatistics, frechet_distance
 
@@ -265,3 +265,42 @@ def test_fid_bootstrap_resamples_generated_features_only() -> None:
 def _stats(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     stats = FeatureStatistics().update(features)
     return stats.mean, stats.covariance
+
+
+def test_bootstrap_intervals_leave_out_undefined_resamples() -> None:
+    flags = np.array([1.0] + [0.0] * 9)
+
+    def scores(indices: np.ndarray) -> dict[str, float]:
+        # "share" is always defined; "ratio" only when the resample drew the one flagged sample
+        # (probability 1 - 0.9^10 = 0.65) and "rare" only when it drew it 3+ times (about 0.07).
+        hits = flags[indices].sum()
+        return {"share": hits / 10, "ratio": 1.0 if hits else np.nan, "rare": 1.0 if hits >= 3 else np.nan}
+
+    intervals = bootstrap_intervals(scores, 10, resamples=400, seed=0)
+    assert intervals["share"][0] == 0.0 and 0.2 <= intervals["share"][1] <= 0.4
+    assert intervals["ratio"] == (1.0, 1.0)
+    assert intervals["rare"] == (None, None)
+
+
+def test_kid_bootstrap_resample_scores_are_the_distinct_pair_mmd() -> None:
+    """Each resample's score is the unbiased MMD^2 over pairs of distinct generated samples,
+    computed here directly from the kernel on the resampled rows."""
+    rng = np.random.default_rng(11)
+    real, fake = gaussian_features(rng, 12, 4, 0.0), gaussian_features(rng, 12, 4, 0.4)
+
+    def kernel(a, b):
+        return (a @ b.T / 4 + 1) ** 3
+
+    def direct(indices: np.ndarray) -> float:
+        k_ff = kernel(fake[indices], fake[indices])
+        distinct = indices[:, None] != indices[None, :]
+        k_rr = kernel(real, real)
+        real_term = (k_rr.sum() - np.trace(k_rr)) / (12 * 11)
+        return real_term + k_ff[distinct].mean() - 2 * kernel(real, fake[indices]).mean()
+
+    draws = np.random.default_rng(0).integers(12, size=(50, 12))  # what bootstrap_ci draws with seed 0
+    expected = np.quantile([direct(d) for d in draws], [0.025, 0.975])
+    assert kid_bootstrap_ci(real, fake, resamples=50, seed=0) == pytest.approx(tuple(expected), rel=1e-9)
+    # The direct reference itself: with every sample once it is the unbiased MMD^2 that KID
+    # averages over subsets (checked against torch-fidelity above).
+    assert direct(np.arange(12)) == pytest.approx(polynomial_mmd2(real, fake, 3, 1 / 4, 1.0), rel=1e-12)

@@ -1,0 +1,145 @@
+"""`medsd evaluate` end to end on chest phantoms: every metric, labelled, with intervals.
+
+The "generated" set is a second phantom draw written as `medsd sample` writes its output (the
+same manifest code), standing for a generator that draws exactly what its prompts ask for. All
+extractor weights are random and saved to disk, as a user's downloaded files would be.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pandas as pd
+import pytest
+import torch
+import torchxrayvision as xrv
+
+from datamodules.mimic_cxr import MIMICCXRDataModule
+from datamodules.phantoms import write_phantoms
+from evaluation.features import XRV_WEIGHTS, CLIPFeatures
+from evaluation.suite import load_uint8
+from experiments.cli import main as medsd
+from experiments.sample import Item, prompts_from_records, write_manifest
+from tests.evaluation_helpers import random_inception_weights
+
+CONFIG = Path(__file__).resolve().parents[1] / "experiments/configs/tiny/phantoms/mimic_cxr.yaml"
+SIZE = 176  # MS-SSIM's five scales need more than 160 px
+EFFUSION = "Pleural Effusion"
+TINY_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def write_generated(records, out: Path) -> None:
+    """Two images per distinct prompt (its records' images, repeated when it has one), with the
+    manifest of `medsd sample`."""
+    prompts = prompts_from_records(records)
+    by_prompt = {}
+    for record in records:
+        by_prompt.setdefault(record.prompt, []).append(record.image)
+    items = []
+    for i, prompt in enumerate(prompts):
+        for k in range(2):
+            item = Item(i, k, seed=1000 * i + k)
+            (out / item.path).parent.mkdir(parents=True, exist_ok=True)
+            images = by_prompt[prompt.text]
+            shutil.copy(images[k % len(images)], out / item.path)
+            items.append(item)
+    write_manifest(out, prompts, items)
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phantom-eval")
+    real = write_phantoms("mimic-cxr", 200, root / "real", seed=0, image_size=SIZE)
+    fake = write_phantoms("mimic-cxr", 40, root / "fake", seed=1, image_size=SIZE)
+    write_generated(MIMICCXRDataModule(str(fake)).records("train"), root / "generated")
+
+    inception = random_inception_weights(root / "inception.pth")
+    torch.manual_seed(0)
+    (root / "xrv").mkdir()
+    weight_file = Path(xrv.models.model_urls[XRV_WEIGHTS]["weights_url"]).name
+    torch.save(xrv.models.DenseNet(weights=None), root / "xrv" / weight_file)
+    clip_config = root / "medsd-tiny-clip.json"
+    clip_config.write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(clip_config)
+    torch.save(open_clip.create_model("medsd-tiny-clip").state_dict(), root / "clip.pt")
+
+    medsd(["evaluate", "--generated", str(root / "generated"), "--config", str(CONFIG),
+           "--data.init_args.root", str(real), "--real-split", "test", "--size", str(SIZE),
+           "--inception-weights", str(inception), "--xrv-weights-dir", str(root / "xrv"),
+           "--clip-model", str(clip_config), "--clip-weights", str(root / "clip.pt"),
+           "--extractors", "clip", "inception", "xrv",  # memorisation uses the first: the quickest
+           "--classifier-labels", EFFUSION, "Cardiomegaly", "--classifier", "tiny",
+           "--classifier-size", "64", "--classifier-epochs", "8",
+           "--classifier-lr", "1e-3", "--bootstrap", "20"])  # fmt: skip
+    out = root / "generated" / "metrics"
+    return root, real, json.loads((out / "metrics.json").read_text())
+
+
+def rows(result, metric, **where) -> list[dict]:
+    return [
+        row
+        for row in result["metrics"]
+        if row["metric"] == metric and all(row.get(k) == v for k, v in where.items())
+    ]
+
+
+def test_every_metric_is_written_with_its_extractor_and_n(evaluated):
+    _, real, result = evaluated
+    assert result["skipped"] == {}
+    n_test = len(MIMICCXRDataModule(str(real)).records("test"))
+    for word in ("inception", "torchxrayvision", "open_clip"):
+        for metric in ("fid", "kid"):
+            (row,) = [r for r in rows(result, metric) if word in r["extractor"]]
+            assert row["n_real"] == n_test and row["n_generated"] > 0
+            assert row["ci_low"] <= row["ci_high"] and row["preprocessing"]
+    for metric in ("ms_ssim_intra_prompt", "ms_ssim_cross_prompt", "clip_score", "memorisation_share"):
+        assert len(rows(result, metric)) == 1, metric
+    for run in ("real", "synthetic", "real+synthetic"):
+        (auroc,) = rows(result, "augmentation_auroc", run=run, label="macro")
+        assert auroc["ci_low"] <= auroc["ci_high"] and auroc["n_test"] == n_test
+        assert rows(result, "augmentation_accuracy", run=run, label=EFFUSION)
+    assert len(rows(result, "augmentation_auroc", label="macro minus real")) == 2
+    (detection,) = rows(result, "insertion_detection_rate", label=EFFUSION)
+    assert detection["ci_low"] <= detection["value"] <= detection["ci_high"]
+    assert "classifier tiny" in detection["extractor"]
+    assert set(result["classifier_protocols"]) >= {"insertion", "augmentation"}
+
+
+def test_outputs_hold_the_same_rows(evaluated):
+    root, _, result = evaluated
+    out = root / "generated" / "metrics"
+    table = pd.read_csv(out / "metrics.csv")
+    assert len(table) == len(result["metrics"])
+    summary = (out / "summary.md").read_text()
+    assert "insertion_detection_rate" in summary and "clip_score" in summary
+    assert list(out.glob("events.out.tfevents.*"))
+
+
+def test_insertion_sees_effusion_drawn_by_a_faithful_generator(evaluated):
+    """The generated images are phantoms whose effusion matches their labels, so a classifier
+    trained on real phantoms should detect most stated effusions and few stated absences."""
+    _, _, result = evaluated
+    (detection,) = rows(result, "insertion_detection_rate", label=EFFUSION)
+    (false_positive,) = rows(result, "insertion_false_positive_rate", label=EFFUSION)
+    assert detection["value"] > false_positive["value"] + 0.3
+
+
+def test_clip_score_equals_a_hand_computation(evaluated):
+    root, _, result = evaluated
+    manifest = pd.read_csv(root / "generated" / "manifest.csv", keep_default_na=False)
+    model = open_clip.create_model("medsd-tiny-clip", pretrained=str(root / "clip.pt")).eval()
+    extractor = CLIPFeatures("medsd-tiny-clip", model=model)
+    images = load_uint8([root / "generated" / p for p in manifest["path"]], SIZE)
+    tokenizer = open_clip.get_tokenizer("medsd-tiny-clip")
+    with torch.no_grad():
+        image = torch.nn.functional.normalize(model.encode_image(extractor.preprocess(images)), dim=-1)
+        text = torch.nn.functional.normalize(model.encode_text(tokenizer(list(manifest["prompt"]))), dim=-1)
+    expected = float(np.mean(100 * np.maximum((image * text).sum(dim=1).numpy(), 0)))
+    (score,) = rows(result, "clip_score")
+    assert score["value"] == pytest.approx(expected, rel=1e-4, abs=1e-4)
