@@ -14,8 +14,10 @@ with `threshold="validation"`, the threshold that maximises Youden's J (sensitiv
 chosen on real images, never on the test split or on the synthetic images being judged.
 
 Images are read as grayscale, the shorter side resized and the centre cropped to `image_size`
-(as torchxrayvision's evaluation does), replicated to 3 channels and normalised with ImageNet's
-statistics so that ImageNet weights apply. No augmentation: flips would swap left and right.
+(as torchxrayvision's evaluation does), then replicated to 3 channels and normalised with
+ImageNet's statistics (torchvision DenseNet-121, tiny CNN), or kept as one channel scaled to
+[-1024, 1024] (torchxrayvision's DenseNet-121, which can start from its chest X-ray weights). No
+augmentation: flips would swap left and right.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from datamodules.images import load_image, to_rgb
 
 log = logging.getLogger(__name__)
 
-ARCHS = ("densenet121", "tiny")
+ARCHS = ("densenet121", "xrv-densenet121", "tiny")
 UNCERTAIN_POLICIES = ("ignore", "zeros", "ones")
 BLANK_POLICIES = ("negative", "ignore")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -54,10 +56,14 @@ ImageInput = str | os.PathLike | Image.Image
 class ClassifierSettings:
     """How a classifier is built and trained; every protocol result reports these.
 
-    arch: "densenet121" (the papers' classifier, the default) or "tiny", a four-layer CNN for
-        tests and CPU demonstrations only.
-    pretrained_weights: a local file with torchvision's ImageNet DenseNet-121 state dict
-        (`densenet121-a639ec97.pth`); None starts from random weights. Never downloaded.
+    arch: "densenet121" (torchvision's, the papers' classifier, the default), "xrv-densenet121"
+        (torchxrayvision's DenseNet-121 with a new head for our labels), or "tiny", a four-layer
+        CNN for tests and CPU demonstrations only.
+    pretrained_weights: a local file to start from: for "densenet121" torchvision's ImageNet state
+        dict (`densenet121-a639ec97.pth`), for "xrv-densenet121" torchxrayvision's chest X-ray
+        model file (`nih-pc-chex-mimic_ch-google-openi-kaggle-densenet121-d121-tw-lr001-rot45-tr15-
+        sc15-seed0-best.pt`, densenet121-res224-all); None starts from random weights. Never
+        downloaded.
     uncertain: what a -1.0 label becomes in training: "ignore" (masked out of the loss), "zeros"
         or "ones" (CheXpert's U-Zeros / U-Ones).
     blank: what a blank (NaN) label becomes in training and testing: "negative" or "ignore".
@@ -87,8 +93,8 @@ class ClassifierSettings:
         _check_choice("arch", self.arch, ARCHS)
         _check_choice("uncertain", self.uncertain, UNCERTAIN_POLICIES)
         _check_choice("blank", self.blank, BLANK_POLICIES)
-        if self.pretrained_weights is not None and self.arch != "densenet121":
-            raise ValueError("pretrained_weights are ImageNet DenseNet-121 weights: use arch 'densenet121'")
+        if self.pretrained_weights is not None and self.arch == "tiny":
+            raise ValueError("pretrained_weights are DenseNet-121 weights: not for arch 'tiny'")
         if self.threshold != "validation" and not (
             isinstance(self.threshold, float | int) and 0 < self.threshold < 1
         ):
@@ -207,10 +213,13 @@ def masked_bce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) 
 
 
 def build_network(arch: str, n_labels: int, pretrained_weights: str | None = None) -> nn.Module:
-    """A network with `n_labels` logits: DenseNet-121 (optionally ImageNet weights) or a tiny CNN."""
+    """A network with `n_labels` logits: a DenseNet-121 (optionally pretrained, see
+    ClassifierSettings) or a tiny CNN."""
     _check_choice("arch", arch, ARCHS)
     if arch == "tiny":
         return _tiny_cnn(n_labels)
+    if arch == "xrv-densenet121":
+        return _xrv_densenet(n_labels, pretrained_weights)
     network = densenet121(weights=None)
     if pretrained_weights is not None:
         network.load_state_dict(_imagenet_state_dict(pretrained_weights))
@@ -229,6 +238,22 @@ def _tiny_cnn(n_labels: int, width: int = 16) -> nn.Module:
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(channels * 16, n_labels))
 
 
+def _xrv_densenet(n_labels: int, pretrained_weights: str | None) -> nn.Module:
+    """torchxrayvision's DenseNet-121 with a fresh linear head over its 1024 pooled features. Its
+    output calibration (`op_threshs`) belongs to its own 18 pathologies, so it is removed: the
+    head returns plain logits, thresholded like the other networks'."""
+    import torchxrayvision as xrv
+
+    network = xrv.models.DenseNet(weights=None)
+    if pretrained_weights is not None:
+        # torchxrayvision's release files are whole pickled models, not state dicts.
+        saved = torch.load(pretrained_weights, map_location="cpu", weights_only=False)
+        network.load_state_dict(saved.state_dict())
+    network.op_threshs = None
+    network.classifier = nn.Linear(network.classifier.in_features, n_labels)
+    return network
+
+
 def _imagenet_state_dict(path: str) -> dict[str, torch.Tensor]:
     """torchvision's DenseNet-121 file, whose old key names ("norm.1") become today's ("norm1")."""
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -243,10 +268,12 @@ def gray_pixels(image: ImageInput, size: int) -> np.ndarray:
     return np.asarray(gray, dtype=np.float32) / 255.0
 
 
-def image_tensor(image: ImageInput, size: int) -> torch.Tensor:
+def image_tensor(image: ImageInput, size: int, arch: str = "densenet121") -> torch.Tensor:
     """One image -> float [3, size, size]: `gray_pixels` replicated to 3 channels and normalised
-    with ImageNet's mean and std."""
+    with ImageNet's mean and std; for "xrv-densenet121" [1, size, size] in [-1024, 1024]."""
     pixels = torch.from_numpy(gray_pixels(image, size))
+    if arch == "xrv-densenet121":
+        return (2 * pixels[None] - 1) * 1024
     mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
     return (pixels.expand(3, size, size) - mean) / std
 
@@ -254,14 +281,14 @@ def image_tensor(image: ImageInput, size: int) -> torch.Tensor:
 class _ImageDataset(Dataset):
     """Images decoded on access (in DataLoader workers when there are any), with optional targets."""
 
-    def __init__(self, images: Sequence[ImageInput], size: int, targets=None, mask=None):
-        self.images, self.size, self.targets, self.mask = images, size, targets, mask
+    def __init__(self, images: Sequence[ImageInput], size: int, arch: str, targets=None, mask=None):
+        self.images, self.size, self.arch, self.targets, self.mask = images, size, arch, targets, mask
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int):
-        pixels = image_tensor(self.images[index], self.size)
+        pixels = image_tensor(self.images[index], self.size, self.arch)
         if self.targets is None:
             return pixels
         return pixels, self.targets[index], self.mask[index]
@@ -302,7 +329,7 @@ def train_classifier(
     network = build_network(settings.arch, len(data.label_names), settings.pretrained_weights).to(device)
     optimizer = torch.optim.AdamW(network.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     loader = DataLoader(
-        _ImageDataset(data.images, settings.image_size, targets, mask),
+        _ImageDataset(data.images, settings.image_size, settings.arch, targets, mask),
         batch_size=settings.batch_size,
         shuffle=True,
         num_workers=settings.num_workers,
@@ -336,7 +363,7 @@ def predict(classifier: TrainedClassifier, images: Sequence[ImageInput], batch_s
     """Probabilities [N, L] (float32, CPU), columns in `classifier.label_names` order."""
     settings = classifier.settings
     loader = DataLoader(
-        _ImageDataset(list(images), settings.image_size),
+        _ImageDataset(list(images), settings.image_size, settings.arch),
         batch_size=batch_size or settings.batch_size,
         num_workers=settings.num_workers,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 from .classifier import ClassifierSettings, LabelledImages, train_classifier
 from .protocols import abnormality_insertion, augmentation_protocol
@@ -91,10 +92,11 @@ def stated_present(synthetic: LabelledImages) -> list[str]:
 
 def describe(settings: ClassifierSettings, n_train: int, n_test: int) -> dict:
     """What every classifier number was computed with."""
-    start = "ImageNet weights" if settings.pretrained_weights else "random init"
+    start = f"from {Path(settings.pretrained_weights).name}" if settings.pretrained_weights else "random init"
     return {
         "extractor": f"classifier {settings.arch} ({start}, {settings.epochs} epochs, seed {settings.seed})",
-        "preprocessing": f"grayscale, shorter side to {settings.image_size}, centre crop, ImageNet mean/std",
+        "preprocessing": f"grayscale, shorter side to {settings.image_size}, centre crop, "
+        + ("scaled to [-1024, 1024]" if settings.arch == "xrv-densenet121" else "ImageNet mean/std"),
         "n_real": n_train,
         "n_test": n_test,
     }

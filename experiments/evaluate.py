@@ -250,7 +250,7 @@ def main(argv: list[str]) -> None:
     classifier.add_argument("--classifier-epochs", type=int, default=10)
     classifier.add_argument("--classifier-batch-size", type=int, default=32)
     classifier.add_argument("--classifier-lr", type=float, default=1e-4)
-    classifier.add_argument("--classifier-weights", help="torchvision ImageNet DenseNet-121 file")
+    classifier.add_argument("--classifier-weights", help="weights to start from (see ClassifierSettings)")
     classifier.add_argument(
         "--classifier-threshold", default="0.5", help="a probability or 'validation' (Youden's J)"
     )

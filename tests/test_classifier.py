@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torchxrayvision as xrv
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 from torch import nn
@@ -24,6 +25,7 @@ from evaluation.classifier import (
     build_network,
     evaluate,
     fit_thresholds,
+    image_tensor,
     label_targets,
     masked_bce,
     predict,
@@ -220,6 +222,24 @@ def test_densenet121_loads_torchvision_imagenet_file(tmp_path):
     weight = "features.denseblock4.denselayer16.conv2.weight"
     assert torch.equal(network.state_dict()[weight], reference.state_dict()[weight])
     assert network.classifier.out_features == 3 and network.classifier.in_features == 1024
+
+
+def test_xrv_densenet_starts_from_the_torchxrayvision_file_with_a_new_head(tmp_path):
+    torch.manual_seed(0)
+    released = xrv.models.DenseNet(weights=None)  # what torchxrayvision ships: a pickled model
+    torch.save(released, tmp_path / "xrv.pt")
+    network = build_network("xrv-densenet121", 2, pretrained_weights=str(tmp_path / "xrv.pt")).eval()
+    weight = "features.denseblock4.denselayer16.conv2.weight"
+    assert torch.equal(network.state_dict()[weight], released.state_dict()[weight])
+    x = torch.rand(2, 1, 64, 64) * 2048 - 1024
+    with torch.no_grad():
+        expected = network.classifier(released.eval().features2(x))
+        torch.testing.assert_close(network(x), expected)  # plain logits: no op_threshs calibration
+    # Its input: one channel, [-1024, 1024], as torchxrayvision's normalisation gives.
+    pixels = image_tensor(Image.new("L", (80, 64), 255), 32, "xrv-densenet121")
+    assert pixels.shape == (1, 32, 32) and torch.all(pixels == 1024)
+    with pytest.raises(ValueError, match="not for arch 'tiny'"):
+        ClassifierSettings(arch="tiny", pretrained_weights=str(tmp_path / "xrv.pt"))
 
 
 def test_networks_take_three_channel_images():
