@@ -90,13 +90,7 @@ class DiffusionModule(L.LightningModule):
         self.gradient_checkpointing = gradient_checkpointing
         self.save_hyperparameters()
 
-        parts = load_backbone(self.backbone_spec)
-        self.tokenizer = parts.tokenizer
-        self.text_encoder = parts.text_encoder
-        self.vae = parts.vae
-        self.unet = parts.unet
-        self.noise_scheduler = parts.noise_scheduler
-        self.sampler_config = parts.sampler_config
+        self.load_parts()
         self.requires_grad_(False)  # strategies switch on what they train
         # Checkpoints hold only what trains; frozen weights come from the backbone again.
         self.strict_loading = False
@@ -105,6 +99,17 @@ class DiffusionModule(L.LightningModule):
         self._cached_text = False  # set in setup() when a prepared cache's embeddings fit this run
 
     # --- what strategies define ---------------------------------------------------------
+
+    def load_parts(self) -> None:
+        """Set the backbone's parts as attributes; other model families (FLUX, Kandinsky) override
+        this with their own parts."""
+        parts = load_backbone(self.backbone_spec)
+        self.tokenizer = parts.tokenizer
+        self.text_encoder = parts.text_encoder
+        self.vae = parts.vae
+        self.unet = parts.unet
+        self.noise_scheduler = parts.noise_scheduler
+        self.sampler_config = parts.sampler_config
 
     @property
     def prompt_tokenizer(self) -> PromptTokenizer:
