@@ -20,6 +20,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from datamodules import ImageTextDataModule
 from lightning_modules import DiffusionModule
+from lightning_modules.cost import CostAccounting
 
 
 class MedsdCLI(LightningCLI):
@@ -54,6 +55,7 @@ class MedsdCLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.add_lightning_class_args(CostAccounting, "cost")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
