@@ -12,6 +12,8 @@ rendered once, keeping the labels of every record that had them). The folder rec
     DIR/manifest.csv         prompt_index, k, prompt, seed, path (relative to DIR), labels: the
                              JSON list of the distinct label sets of the prompt's records
     DIR/sample_config.json   every setting the images depend on
+    DIR/cost/rank<R>.json    images, seconds, images/s, FLOPs per image and peak GPU memory of
+                             rank R (added up over resumed runs)
 
 Seeds: image k of prompt i has seed `seed + i * per_prompt + k`, and its noise comes from its own
 CPU `torch.Generator`, so the noise does not depend on the device, the batch size or the other
@@ -40,12 +42,15 @@ import hashlib
 import json
 import logging
 import os
+import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import torch
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from datamodules.base import SPLITS, Record
@@ -295,24 +300,71 @@ def sample(
             dtype=getattr(torch, settings.dtype),
         )
         batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
-        for batch in tqdm(batches, desc=f"sample rank {rank}/{world_size}", unit="batch"):
-            images = render(
-                pipe,
-                [texts[item.prompt_index] for item in batch],
-                [item.seed for item in batch],
-                settings.steps,
-                settings.guidance,
-                settings.height,
-                settings.width,
-            )
+        meter = SamplingMeter(device)
+        for number, batch in enumerate(tqdm(batches, desc=f"sample rank {rank}/{world_size}", unit="batch")):
+            with meter.measure(len(batch), count_flops=number == 0):
+                images = render(
+                    pipe,
+                    [texts[item.prompt_index] for item in batch],
+                    [item.seed for item in batch],
+                    settings.steps,
+                    settings.guidance,
+                    settings.height,
+                    settings.width,
+                )
             for item, image in zip(batch, images, strict=True):
                 save_image(image, out / item.path)
+        meter.write(out / "cost" / f"rank{rank}.json")
     missing = sum(not (out / item.path).is_file() for item in items)
     if missing:
         log.info("rank %d done; %d images of other ranks missing, so no manifest yet", rank, missing)
         return False
     write_manifest(out, prompts, items)
     return True
+
+
+class SamplingMeter:
+    """Sampling cost: FLOPs per image (counted on the first batch, whose time is then left out,
+    the counter slowing it down), images per second and peak GPU memory. Each call of `sample`
+    adds its images and time to the rank's record, so a resumed run reports its total."""
+
+    def __init__(self, device: str | torch.device):
+        self.device = torch.device(device)
+        self.images = self.timed_images = 0
+        self.seconds = 0.0
+        self.flops_per_image: float | None = None
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    @contextmanager
+    def measure(self, n_images: int, count_flops: bool):
+        start = time.perf_counter()
+        if count_flops:
+            with FlopCounterMode(display=False) as counter:
+                yield
+            self.flops_per_image = counter.get_total_flops() / n_images
+        else:
+            yield
+            self.seconds += time.perf_counter() - start
+            self.timed_images += n_images
+        self.images += n_images
+
+    def write(self, path: Path) -> None:
+        previous = json.loads(path.read_text()) if path.is_file() else {}
+        record = {
+            "images": previous.get("images", 0) + self.images,
+            "timed_images": previous.get("timed_images", 0) + self.timed_images,
+            "wall_seconds": previous.get("wall_seconds", 0.0) + self.seconds,
+            "flops_per_image": self.flops_per_image or previous.get("flops_per_image"),
+            "device": str(self.device),
+            "peak_gpu_memory_bytes": (
+                torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+            ),
+        }
+        timed = record["timed_images"]
+        record["images_per_second"] = timed / record["wall_seconds"] if record["wall_seconds"] else None
+        path.parent.mkdir(exist_ok=True)
+        write_atomically(path, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
 
 
 # --- command line -------------------------------------------------------------------------------

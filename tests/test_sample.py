@@ -1,6 +1,7 @@
 """`medsd sample`: every export kind samples, reruns are bit-identical, interrupted runs resume,
 ranks share the work exactly, and the manifest says exactly what was made."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from experiments.sample import (
     shard,
 )
 from lightning_modules import load_domain_text_pipeline
+from lightning_modules.cost import count_flops
 from lightning_modules.domain_text_encoder import DomainTextPipeline
 from lightning_modules.pipelines import load_pipeline, tiny_pipeline
 
@@ -253,3 +255,13 @@ def test_presets_give_the_papers_samplers_and_flags_override_them():
     }
     polyp = sampler_settings(parse(["m", "--out", "o", "--preset", "prompt-to-polyp", "--steps", "10"]))
     assert polyp == {"scheduler": "ddim", "steps": 10, "guidance": 3.5}
+
+
+def test_sampling_cost_is_recorded_per_rank(reference, runs):
+    cost = json.loads((reference / "cost" / "rank0.json").read_text())
+    # Four images in batches of one: the first is counted for FLOPs (and left out of the timing).
+    assert (cost["images"], cost["timed_images"]) == (4, 3)
+    assert cost["images_per_second"] == pytest.approx(3 / cost["wall_seconds"])
+    pipe = load_pipeline(runs["lora"])
+    by_hand = count_flops(lambda: RENDER(pipe, [PROMPTS[1]], [0], 2, 7.5))
+    assert cost["flops_per_image"] == by_hand and cost["peak_gpu_memory_bytes"] is None
