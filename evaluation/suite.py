@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from datamodules.base import stack_labels
-from datamodules.images import load_image
+from datamodules.images import load_image, to_rgb
 
 from .bootstrap import bootstrap_ci, fid_bootstrap_ci
 from .features import CLIPFeatures, FeatureExtractor, MissingWeightsError
@@ -95,13 +95,14 @@ class Generated:
         return list(by_prompt.values())
 
 
-def load_uint8(paths: Iterable[str | Path], size: int | None) -> torch.Tensor:
-    """Images as uint8 RGB [N, 3, S, S]. With `size`, each is resized (bicubic, shorter side)
+def load_uint8(paths: Iterable[str | Path | Image.Image], size: int | None) -> torch.Tensor:
+    """Images (files, or in-memory images as the synthetic dataset holds them) as uint8 RGB
+    [N, 3, S, S]. With `size`, each is resized (bicubic, shorter side)
     and centre-cropped to it; without, all must already share one size (no resampling at all,
     as torch-fidelity reads a folder)."""
     arrays = []
     for path in paths:
-        image = load_image(path, draft_size=size)
+        image = to_rgb(path) if isinstance(path, Image.Image) else load_image(path, draft_size=size)
         if size is not None and image.size != (size, size):
             scale = size / min(image.size)
             w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
@@ -125,7 +126,7 @@ def extract(extractor: FeatureExtractor, images: torch.Tensor, batch_size: int =
 class RealSet:
     """The real images compared against, with a cache of their statistics per extractor."""
 
-    paths: list[str]
+    paths: list[str | Image.Image]
     size: int | None
     cache_dir: Path | None = None
     _images: torch.Tensor | None = field(default=None, repr=False)
@@ -136,7 +137,10 @@ class RealSet:
         return self._images
 
     def key(self, extractor: FeatureExtractor) -> str:
-        text = json.dumps([self.paths, self.size, extractor.label], sort_keys=True)
+        """Names the images (files by path, in-memory images by their pixels), size and extractor."""
+        names = [hashlib.sha256(p.tobytes()).hexdigest() if isinstance(p, Image.Image) else str(p)
+                 for p in self.paths]  # fmt: skip
+        text = json.dumps([names, self.size, extractor.label], sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:20]
 
     def features(self, extractor: FeatureExtractor) -> np.ndarray:

@@ -10,10 +10,12 @@ the TensorBoard logs, `checkpoints/` (last and best by validation loss) and `exp
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 import warnings
 from contextlib import contextmanager
 
+import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -26,7 +28,9 @@ from lightning_modules.cost import CostAccounting
 class MedsdCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, run: bool = True):
         super().__init__(
-            DiffusionModule,
+            # Any LightningModule: the diffusion strategies and the ones that train no diffusion
+            # model (a from-scratch VAE, lightning_modules.VAETraining).
+            L.LightningModule,
             ImageTextDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
@@ -82,7 +86,19 @@ def _in_process():
         yield
 
 
-class _ParseOnlyCLI(MedsdCLI):
+class _RunConfigCLI(MedsdCLI):
+    """A MedsdCLI without subcommands that also reads a run's saved `config.yaml`, whose
+    `ckpt_path` and `weights_only` are arguments of `Trainer.fit` (they name no data or model
+    and are ignored here)."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        super().add_arguments_to_parser(parser)
+        skip = {"self", "model", "train_dataloaders", "val_dataloaders", "datamodule"}
+        for name in inspect.signature(L.Trainer.fit).parameters.keys() - skip:
+            parser.add_argument(f"--{name}", default=None, help="ignored here")
+
+
+class _ParseOnlyCLI(_RunConfigCLI):
     def instantiate_classes(self) -> None:
         """Nothing is built: no weights are loaded, no data is read."""
 
@@ -98,7 +114,7 @@ def parse_config(*args: str):
         return _ParseOnlyCLI(args=list(args), run=False).config
 
 
-class _BuildCLI(MedsdCLI):
+class _BuildCLI(_RunConfigCLI):
     def instantiate_classes(self) -> None:
         """The model and the data only: no Trainer, no run folder."""
         self.config_init = self.parser.instantiate_classes(self.config)
@@ -127,6 +143,7 @@ COMMANDS = {
     "phantoms": "experiments.phantoms",
     "evaluate": "experiments.evaluate",
     "sample": "experiments.sample",
+    "sweep": "experiments.sweep",
 }
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from datamodules.base import SPLITS
 from evaluation.classifier import ARCHS, ClassifierSettings, LabelledImages
 from evaluation.classifier_suite import PROTOCOLS, classifier_protocols
 from evaluation.features import CLIPFeatures, InceptionFeatures, XRVFeatures
@@ -65,6 +66,8 @@ class RealData:
         self.folder, self.split, self.config_args, self._datamodule = folder, split, config_args, None
 
     def records(self, split: str) -> list:
+        if split not in SPLITS:
+            raise ValueError(f"split {split!r} is not one of {list(SPLITS)}")
         if self.folder:
             raise ValueError(f"the '{split}' split needs a config's DataModule, not --real-folder")
         if self._datamodule is None:
@@ -73,11 +76,11 @@ class RealData:
             self._datamodule = build_datamodule(self.config_args)
         return self._datamodule.records(split)
 
-    def paths(self, split: str) -> list[str]:
+    def paths(self, split: str) -> list:
         if self.folder and split == self.split:
             folder = Path(self.folder)
             return sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        return [r.image for r in self.records(split) if isinstance(r.image, str)]
+        return [r.image for r in self.records(split)]  # paths, or images the dataset holds in memory
 
     def labelled(self, split: str) -> LabelledImages:
         """A split's images with their labels; an error when the split is empty or unlabelled."""
@@ -152,7 +155,7 @@ def evaluate(args, config_args: list[str]) -> dict:
         run_metric("memorisation", rows, skipped, copies)
 
     protocols: dict = {}
-    if args.classifier != "none" and args.protocols:
+    if args.classifier != "none" and args.protocols and args.train_split:
 
         def judged() -> list[dict]:
             reports, protocol_rows = classifier_protocols(
@@ -231,7 +234,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--generated", required=True, help="output folder of `medsd sample`")
     parser.add_argument("--real-split", default="test", help="split of the config's data to compare with")
     parser.add_argument("--real-folder", help="a folder of real images instead of a config's split")
-    parser.add_argument("--train-split", default="train", help="for memorisation; '' to skip")
+    parser.add_argument(
+        "--train-split", default="train", help="for memorisation and classifiers; '' skips both"
+    )
     parser.add_argument("--size", type=int, help="common resolution (default: the generated images')")
     parser.add_argument("--extractors", nargs="+", default=["inception", "xrv", "clip"])
     parser.add_argument("--inception-weights", help="FID Inception weight file (default: torch hub cache)")

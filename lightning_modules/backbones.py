@@ -33,7 +33,10 @@ from transformers import (
 log = logging.getLogger(__name__)
 
 TINY_SD = "medsd/tiny-sd"
+TINY_SD2 = "medsd/tiny-sd2"  # the same size, shaped like Stable Diffusion 2.x (v-prediction)
+TINY_SDXL = "medsd/tiny-sdxl"  # shaped like SDXL: see lightning_modules/sdxl.py
 TINY_BERT = "medsd/tiny-bert"
+TINY_CLIP = "medsd/tiny-clip"  # the tiny backbone's CLIP text encoder and tokenizer on their own
 
 # Stable Diffusion 1.x's noise schedule and default sampler, shared by the tiny backbone so that
 # the demo exercises the same scheduler code path as the real model.
@@ -55,8 +58,9 @@ class BackboneNotFoundError(RuntimeError):
 class BackboneSpec:
     """Where a Stable Diffusion-family model comes from.
 
-    name_or_path: a hub id (e.g. `stable-diffusion-v1-5/stable-diffusion-v1-5`), a local diffusers
-        folder, or `medsd/tiny-sd` (built from config, random weights, no download).
+    name_or_path: a hub id (e.g. `stable-diffusion-v1-5/stable-diffusion-v1-5`,
+        `stabilityai/stable-diffusion-2-1`), a local diffusers folder, or `medsd/tiny-sd` /
+        `medsd/tiny-sd2` (built from config, random weights, no download).
     prediction_type: override the scheduler's `epsilon` / `v_prediction`; None keeps the model's.
     """
 
@@ -95,8 +99,8 @@ def _not_found(what: str, name_or_path: str, error: Exception) -> BackboneNotFou
 
 def load_backbone(spec: BackboneSpec, dtype: torch.dtype | None = None) -> Backbone:
     """Load every part of a Stable Diffusion-family model (weights in `dtype`, default fp32)."""
-    if spec.name_or_path == TINY_SD:
-        backbone = build_tiny_backbone()
+    if spec.name_or_path in (TINY_SD, TINY_SD2):
+        backbone = build_tiny_backbone(sd2=spec.name_or_path == TINY_SD2)
     else:
         backbone = _load_pretrained(spec, dtype)
     if spec.prediction_type is not None:
@@ -155,12 +159,14 @@ def build_clip_tokenizer(max_length: int = 77) -> CLIPTokenizer:
     return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=max_length)
 
 
-def build_tiny_backbone(seed: int = 0) -> Backbone:
+def build_tiny_backbone(seed: int = 0, sd2: bool = False) -> Backbone:
     """A Stable Diffusion 1.x-shaped model small enough to train on a CPU in seconds.
 
     32x32 images, a VAE with 2x downsampling to 4 latent channels, a two-level U-Net with
     cross-attention width 32 and a 2-layer CLIP text encoder over the real CLIP vocabulary.
-    Weights are random but deterministic in `seed`.
+    Weights are random but deterministic in `seed`. With `sd2`, shaped like Stable Diffusion 2.x
+    instead: v-prediction, linear projections in the transformer blocks, attention heads of
+    fixed width per level, a GELU (OpenCLIP-style) text encoder and a DDIM sampler.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -173,6 +179,7 @@ def build_tiny_backbone(seed: int = 0) -> Backbone:
                 num_hidden_layers=2,
                 num_attention_heads=4,
                 max_position_embeddings=77,
+                hidden_act="gelu" if sd2 else "quick_gelu",
                 bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
@@ -198,10 +205,14 @@ def build_tiny_backbone(seed: int = 0) -> Backbone:
             block_out_channels=(32, 64),
             layers_per_block=1,
             cross_attention_dim=32,
-            attention_head_dim=8,
+            attention_head_dim=(4, 8) if sd2 else 8,
+            use_linear_projection=sd2,
             norm_num_groups=16,
         )
-    sampler = diffusers.PNDMScheduler(**SD_SCHEDULE, skip_prk_steps=True)
+    if sd2:
+        sampler = diffusers.DDIMScheduler(**SD_SCHEDULE, clip_sample=False, prediction_type="v_prediction")
+    else:
+        sampler = diffusers.PNDMScheduler(**SD_SCHEDULE, skip_prk_steps=True)
     sampler_config = dict(sampler.config, _class_name=type(sampler).__name__)
     noise_scheduler = DDPMScheduler.from_config(sampler_config)
     return Backbone(tokenizer, text_encoder, vae, unet, noise_scheduler, sampler_config)
@@ -221,6 +232,22 @@ def load_text_encoder(
         model = AutoModel.from_pretrained(name_or_path, revision=revision)
     except (OSError, ValueError) as error:
         raise _not_found("the text encoder", name_or_path, error) from error
+    return tokenizer, model
+
+
+def load_clip_text_encoder(
+    name_or_path: str, revision: str | None = None
+) -> tuple[CLIPTokenizer, CLIPTextModel]:
+    """A CLIP text encoder and its tokenizer from a transformers CLIP folder or hub id (e.g.
+    `openai/clip-vit-large-patch14`), or `medsd/tiny-clip`."""
+    if name_or_path == TINY_CLIP:
+        tiny = build_tiny_backbone()
+        return tiny.tokenizer, tiny.text_encoder
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(name_or_path, revision=revision)
+        model = CLIPTextModel.from_pretrained(name_or_path, revision=revision)
+    except (OSError, ValueError) as error:
+        raise _not_found("the CLIP text encoder", name_or_path, error) from error
     return tokenizer, model
 
 

@@ -59,6 +59,30 @@ def cast_frozen_parameters(module: nn.Module, dtype: torch.dtype) -> int:
     return count
 
 
+def adamw_with_schedule(module: L.LightningModule, groups: list[dict], settings: Optimizer) -> dict:
+    """`configure_optimizers`' answer: AdamW over the non-empty `groups`, stepped per batch by the
+    learning-rate schedule `settings` names."""
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ValueError(f"{type(module).__name__} has nothing to train with these settings")
+    fused = settings.fused if settings.fused is not None else module.device.type == "cuda"
+    optimizer = torch.optim.AdamW(
+        groups,
+        lr=settings.lr,
+        betas=tuple(settings.betas),
+        eps=settings.eps,
+        weight_decay=settings.weight_decay,
+        fused=fused,
+    )
+    schedule = get_scheduler(
+        settings.schedule,
+        optimizer,
+        num_warmup_steps=settings.warmup_steps,
+        num_training_steps=int(module.trainer.estimated_stepping_batches),
+    )
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
 class DiffusionModule(L.LightningModule):
     """Base of the Stable Diffusion-family strategies (not used on its own).
 
@@ -122,6 +146,10 @@ class DiffusionModule(L.LightningModule):
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Token ids -> the U-Net's cross-attention conditioning [B, L, D]."""
         return self.text_encoder(input_ids)[0]
+
+    def denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning) -> torch.Tensor:
+        """The U-Net's prediction for noisy latents under `encode_text`'s conditioning."""
+        return self.unet(noisy, timesteps, conditioning).sample
 
     def export(self, folder: Path) -> dict:
         """Write the trained model into `folder`; return extra fields for its manifest."""
@@ -280,12 +308,12 @@ class DiffusionModule(L.LightningModule):
         )
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         conditioning = self.batch_conditioning(batch, generator, caption_dropout)
-        prediction = self.unet(noisy, timesteps, conditioning).sample
+        prediction = self.denoise(noisy, timesteps, conditioning)
         target = prediction_target(self.noise_scheduler, latents, noise, timesteps)
         weights = None
         if obj.snr_gamma is not None:
             weights = min_snr_weights(self.noise_scheduler, timesteps, obj.snr_gamma)
-        return diffusion_loss(prediction, target, weights)
+        return diffusion_loss(prediction, target, weights, obj.loss)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.diffusion_step(batch, None, self.objective.caption_dropout)
@@ -308,26 +336,7 @@ class DiffusionModule(L.LightningModule):
     # --- optimiser and EMA --------------------------------------------------------------
 
     def configure_optimizers(self):
-        settings = self.optimizer_settings
-        groups = [g for g in self.parameter_groups() if g["params"]]
-        if not groups:
-            raise ValueError(f"{type(self).__name__} has nothing to train with these settings")
-        fused = settings.fused if settings.fused is not None else self.device.type == "cuda"
-        optimizer = torch.optim.AdamW(
-            groups,
-            lr=settings.lr,
-            betas=tuple(settings.betas),
-            eps=settings.eps,
-            weight_decay=settings.weight_decay,
-            fused=fused,
-        )
-        schedule = get_scheduler(
-            settings.schedule,
-            optimizer,
-            num_warmup_steps=settings.warmup_steps,
-            num_training_steps=int(self.trainer.estimated_stepping_batches),
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return adamw_with_schedule(self, self.parameter_groups(), self.optimizer_settings)
 
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)

@@ -22,6 +22,8 @@ from .export import read_manifest
 from .prompts import PromptTokenizer
 
 PROJECTION_FILE = "text_projection.safetensors"
+# The manifest's `loader` field of every export that `load_domain_text_pipeline` reads.
+DOMAIN_TEXT_LOADER = "lightning_modules.load_domain_text_pipeline"
 
 
 class DomainTextEncoderFineTuning(DiffusionModule):
@@ -82,16 +84,26 @@ class DomainTextEncoderFineTuning(DiffusionModule):
         return _pipeline(self.vae, self.unet, build_sampler(self.sampler_config, sampler))
 
     def export(self, folder: Path) -> dict:
-        self.unet.save_pretrained(folder / "unet", safe_serialization=True)
-        self.vae.save_pretrained(folder / "vae", safe_serialization=True)
-        build_sampler(self.sampler_config).save_pretrained(folder / "scheduler")
-        self.text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
-        self.tokenizer.save_pretrained(folder / "tokenizer")
+        return save_domain_text_export(folder, self, self.projection, self.max_length)
+
+
+def save_domain_text_export(
+    folder: Path, module: DiffusionModule, projection: nn.Linear | None, max_length: int
+):
+    """Write `module`'s U-Net, VAE, sampler, text encoder and tokenizer, and the projection (None:
+    the encoder's states condition the U-Net as they are) for `load_domain_text_pipeline`; returns
+    the manifest fields that loader needs."""
+    module.unet.save_pretrained(folder / "unet", safe_serialization=True)
+    module.vae.save_pretrained(folder / "vae", safe_serialization=True)
+    build_sampler(module.sampler_config).save_pretrained(folder / "scheduler")
+    module.text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
+    module.tokenizer.save_pretrained(folder / "tokenizer")
+    if projection is not None:
         save_file(
-            {k: v.detach().float().cpu().contiguous() for k, v in self.projection.state_dict().items()},
+            {k: v.detach().float().cpu().contiguous() for k, v in projection.state_dict().items()},
             folder / PROJECTION_FILE,
         )
-        return {"max_length": self.max_length, "loader": "lightning_modules.load_domain_text_pipeline"}
+    return {"max_length": max_length, "loader": DOMAIN_TEXT_LOADER}
 
 
 def project(
@@ -158,15 +170,18 @@ class DomainTextPipeline:
 
 
 def load_domain_text_pipeline(folder: str | Path) -> DomainTextPipeline:
-    """Load the export of a `DomainTextEncoderFineTuning` run."""
+    """Load an export written by `save_domain_text_export` (a `DomainTextEncoderFineTuning` run, or a
+    `CompactDiffusion` one with a BERT-like encoder)."""
     folder = Path(folder)
     manifest = read_manifest(folder)
-    if manifest.get("strategy") != DomainTextEncoderFineTuning.__name__:
+    if manifest.get("loader") != DOMAIN_TEXT_LOADER:
         raise ValueError(f"{folder} holds a {manifest.get('strategy')} export, not a domain text one")
     text_encoder = AutoModel.from_pretrained(folder / "text_encoder").eval()
-    weights = load_file(folder / PROJECTION_FILE)
-    projection = nn.Linear(weights["weight"].shape[1], weights["weight"].shape[0])
-    projection.load_state_dict(weights)
+    projection = nn.Identity()
+    if (folder / PROJECTION_FILE).is_file():
+        weights = load_file(folder / PROJECTION_FILE)
+        projection = nn.Linear(weights["weight"].shape[1], weights["weight"].shape[0])
+        projection.load_state_dict(weights)
     pipeline = _pipeline(
         AutoencoderKL.from_pretrained(folder / "vae"),
         UNet2DConditionModel.from_pretrained(folder / "unet"),

@@ -72,10 +72,21 @@ def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: fl
 
 
 def diffusion_loss(
-    prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    kind: str = "l2",
 ) -> torch.Tensor:
-    """Mean squared error in fp32, optionally weighted per sample."""
-    per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+    """Mean squared ("l2") or mean absolute ("l1", MSDM's) error in fp32, optionally weighted per
+    sample."""
+    error = prediction.float() - target.float()
+    if kind == "l2":
+        error = error.pow(2)
+    elif kind == "l1":
+        error = error.abs()
+    else:
+        raise ValueError(f"loss must be 'l2' or 'l1', got {kind!r}")
+    per_sample = error.flatten(1).mean(dim=1)
     if weights is not None:
         per_sample = per_sample * weights
     return per_sample.mean()

@@ -17,15 +17,26 @@ from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from diffusers import DiffusionPipeline, KandinskyV22CombinedPipeline, StableDiffusionPipeline
 from PIL import Image
 
-from .backbones import TINY_SD, _not_found, build_sampler, build_tiny_backbone
-from .domain_text_encoder import DomainTextPipeline, load_domain_text_pipeline
+from .backbones import TINY_SD, TINY_SD2, TINY_SDXL, _not_found, build_sampler, build_tiny_backbone
+from .domain_text_encoder import DOMAIN_TEXT_LOADER, DomainTextPipeline, load_domain_text_pipeline
 from .export import MANIFEST, read_manifest
+from .flux import TINY_FLUX, tiny_flux_pipeline
+from .kandinsky import (
+    TINY_KANDINSKY,
+    build_tiny_kandinsky,
+    combined_pipeline,
+    native_size,
+    pipeline_from_export,
+)
 from .textual_inversion import EMBEDDINGS_FILE
 
 log = logging.getLogger(__name__)
+
+# Strategies whose export is a diffusers LoRA file, loaded onto the base model by load_lora_weights.
+LORA_STRATEGIES = ("LoRAFineTuning", "SDXLLoRAFineTuning", "FluxLoRA")
 
 # Short names for the samplers papers use; any diffusers scheduler class name works too.
 SCHEDULERS = {
@@ -82,7 +93,7 @@ def load_pipeline(
     else:
         pipe = _from_export(resolved, manifest, base_model, dtype)
         # A LoRA export loads with the extra LoRAs, which gives every one its own adapter name.
-        loras = [resolved, *lora] if manifest.get("strategy") == "LoRAFineTuning" else list(lora)
+        loras = [resolved, *lora] if manifest.get("strategy") in LORA_STRATEGIES else list(lora)
     for path in textual_inversion:
         if isinstance(pipe, DomainTextPipeline):
             raise ValueError(
@@ -102,8 +113,16 @@ def base_pipeline(name_or_path: str, revision: str | None = None, dtype: torch.d
     The safety checker is left out: on medical images its NSFW classifier fires on anatomy and
     silently replaces images with black ones, which would corrupt a synthetic data set.
     """
-    if name_or_path == TINY_SD:
-        return tiny_pipeline()  # fp32; load_pipeline casts
+    if name_or_path in (TINY_SD, TINY_SD2):
+        return tiny_pipeline(sd2=name_or_path == TINY_SD2)  # fp32; load_pipeline casts
+    if name_or_path == TINY_SDXL:
+        from .sdxl import tiny_sdxl_pipeline
+
+        return tiny_sdxl_pipeline()
+    if name_or_path == TINY_FLUX:
+        return tiny_flux_pipeline()
+    if name_or_path == TINY_KANDINSKY:
+        return combined_pipeline(build_tiny_kandinsky())
     try:
         components = DiffusionPipeline.load_config(name_or_path, revision=revision)
     except (OSError, ValueError) as error:
@@ -113,9 +132,9 @@ def base_pipeline(name_or_path: str, revision: str | None = None, dtype: torch.d
     return DiffusionPipeline.from_pretrained(name_or_path, revision=revision, dtype=dtype, **extra)
 
 
-def tiny_pipeline() -> StableDiffusionPipeline:
-    """`medsd/tiny-sd` as a pipeline: the same weights every training run starts from."""
-    tiny = build_tiny_backbone()
+def tiny_pipeline(sd2: bool = False) -> StableDiffusionPipeline:
+    """`medsd/tiny-sd` (or `-sd2`) as a pipeline: the same weights every training run starts from."""
+    tiny = build_tiny_backbone(sd2=sd2)
     return StableDiffusionPipeline(
         vae=tiny.vae,
         text_encoder=tiny.text_encoder,
@@ -130,11 +149,13 @@ def tiny_pipeline() -> StableDiffusionPipeline:
 
 def _from_export(folder: Path, manifest: dict, base_model: str | None, dtype: torch.dtype):
     strategy = manifest.get("strategy")
-    if strategy == "DomainTextEncoderFineTuning":
+    if manifest.get("loader") == DOMAIN_TEXT_LOADER:  # DomainTextEncoderFineTuning, CompactDiffusion
         return load_domain_text_pipeline(folder)
-    if strategy == "FineTuning":  # a complete diffusers pipeline folder
+    if strategy in ("FineTuning", "SDXLFineTuning", "CompactDiffusion"):  # a diffusers pipeline folder
         return base_pipeline(str(folder), dtype=dtype)
-    if strategy not in ("TextualInversion", "LoRAFineTuning"):
+    if strategy == "KandinskyDecoderTuning":  # prior + decoder, with the decoder's weights applied
+        return pipeline_from_export(folder, manifest, base_model, dtype)
+    if strategy != "TextualInversion" and strategy not in LORA_STRATEGIES:
         raise ValueError(f"{folder}: don't know how to sample from a {strategy} export")
     # The manifest's revision belongs to the manifest's base model, not to an override.
     revision = None if base_model else manifest.get("base_revision")
@@ -167,6 +188,8 @@ def set_scheduler(pipe: StableDiffusionPipeline | DomainTextPipeline, name: str)
             f"unknown scheduler {name!r}: use one of {sorted(SCHEDULERS)} or a diffusers class name"
         )
     inner.scheduler = build_sampler(dict(inner.scheduler.config), class_name)
+    if isinstance(inner, KandinskyV22CombinedPipeline):  # its decoder holds its own reference
+        inner.decoder_pipe.scheduler = inner.scheduler
 
 
 def _to(pipe, device, dtype: torch.dtype):
@@ -199,6 +222,8 @@ def render(
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    if isinstance(pipe, KandinskyV22CombinedPipeline):  # takes no None size: use its native one
+        height, width = height or native_size(pipe), width or native_size(pipe)
     return pipe(
         list(prompts),
         num_inference_steps=steps,

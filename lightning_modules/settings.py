@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass
@@ -14,6 +15,7 @@ class Objective:
     caption_dropout: share of captions replaced by the empty prompt, so classifier-free guidance
         works at sampling time (0.1 is common; 0 for textual inversion).
     min_timestep / max_timestep: restrict the sampled timesteps to [min, max).
+    loss: "l2" (mean squared error, the usual) or "l1" (mean absolute error, as MSDM trains).
     """
 
     snr_gamma: float | None = None
@@ -21,6 +23,7 @@ class Objective:
     caption_dropout: float = 0.0
     min_timestep: int = 0
     max_timestep: int | None = None
+    loss: Literal["l2", "l1"] = "l2"
 
 
 @dataclass

@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from experiments.cli import parse_config
+from experiments.matrix import Matrix
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 YAML_FILES = sorted(EXPERIMENTS.rglob("*.yaml"))
@@ -16,7 +17,13 @@ def is_run_config(path: Path) -> bool:
     return "model" in (yaml.safe_load(path.read_text()) or {})
 
 
+def is_matrix(path: Path) -> bool:
+    """A sweep matrix (`medsd sweep`) has axes."""
+    return "axes" in (yaml.safe_load(path.read_text()) or {})
+
+
 RUN_CONFIGS = [p for p in YAML_FILES if is_run_config(p)]
+MATRICES = [p for p in YAML_FILES if is_matrix(p)]
 
 
 def test_the_experiments_folder_has_configs():
@@ -43,8 +50,26 @@ def test_every_included_file_is_used_by_a_run_config():
         for value in yaml.safe_load(path.read_text()).values():
             if isinstance(value, str) and value.endswith(".yaml"):
                 included.add((path.parent / value).resolve())
-    orphans = [p for p in YAML_FILES if not is_run_config(p) and p.resolve() not in included]
+    for matrix in MATRICES:  # files a matrix's cells are built from
+        included |= {
+            Path(arg)
+            for cell in Matrix.load(matrix).cells()
+            for arg in cell.fit_args
+            if arg.endswith(".yaml")
+        }
+    orphans = [
+        p for p in YAML_FILES if not (is_run_config(p) or is_matrix(p)) and p.resolve() not in included
+    ]
     assert not orphans
+
+
+@pytest.mark.parametrize("path", MATRICES, ids=lambda p: str(p.relative_to(EXPERIMENTS)))
+def test_every_cell_of_a_matrix_validates(path):
+    cells = Matrix.load(path).cells()
+    assert cells
+    for cell in cells:
+        config = parse_config(*cell.fit_args)
+        assert config.model.class_path.startswith("lightning_modules."), cell.name
 
 
 def test_validation_rejects_an_unknown_key(tmp_path):

@@ -1,0 +1,178 @@
+"""`medsd sweep MATRIX.yaml`: every cell of a matrix through fit, sample and evaluate, resumably.
+
+    medsd sweep experiments/matrices/demo.yaml [--out DIR] [--dry-run] [--retry-failed]
+
+Each cell (see `experiments.matrix`) gets a folder under `--out` (default `runs/sweeps/<name>`):
+
+    <cell>/cell.json      its labels and `medsd fit` arguments
+    <cell>/status.json    state (pending / running / done / failed), the last finished stage,
+                          attempts and the error of a failure; always written atomically
+    <cell>/run/           the fit's run folder: resolved config.yaml, checkpoints, export,
+                          metrics.json with the cost
+    <cell>/samples/       `medsd sample` output; <cell>/metrics/ `medsd evaluate` output
+    <cell>/logs/<stage>.log
+
+Stages run as subprocesses (`python -m experiments.cli STAGE ...`), so a crashing cell cannot take
+the sweep down and each cell's Trainer does its own DDP over the GPUs it sees. A rerun skips done
+cells, continues an interrupted cell from its first unfinished stage (the fit from its last
+checkpoint, sampling from the images it has), and leaves failed cells alone unless
+`--retry-failed`. A done cell is never touched again, so its metrics stay as they were. At the end
+(and with `--summary-only`) the summary table and plots are written (`experiments.sweep_report`).
+
+Only one sweep process should work on a folder at a time: a cell found "running" is taken to be
+an interrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from lightning_modules.export import write_atomically
+
+from .matrix import Cell, Matrix
+
+log = logging.getLogger(__name__)
+
+STAGES = ("fit", "sample", "evaluate")
+STATES = ("pending", "running", "done", "failed")
+
+
+class CellFolder:
+    """A cell's folder and its status file."""
+
+    def __init__(self, root: Path, cell: Cell):
+        self.cell, self.path = cell, root / cell.name
+        self.run, self.samples, self.metrics = self.path / "run", self.path / "samples", self.path / "metrics"
+
+    def status(self) -> dict:
+        path = self.path / "status.json"
+        return json.loads(path.read_text()) if path.is_file() else {"state": "pending", "stage": None}
+
+    def write_status(self, **fields) -> dict:
+        status = {**self.status(), **fields, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_atomically(self.path / "status.json", lambda tmp: tmp.write_text(json.dumps(status, indent=2)))
+        return status
+
+    def write_plan(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(self.cell.as_dict(), indent=2)
+        write_atomically(self.path / "cell.json", lambda tmp: tmp.write_text(text))
+
+    def remaining_stages(self) -> list[str]:
+        finished = self.status().get("stage")
+        return list(STAGES[STAGES.index(finished) + 1 :]) if finished in STAGES else list(STAGES)
+
+
+def flags(options: dict) -> list[str]:
+    """{"per-prompt": 2, "extractors": ["clip", "xrv"], "dry": True} -> command-line flags."""
+    args: list[str] = []
+    for key, value in options.items():
+        if value is False or value is None:
+            continue
+        args.append(f"--{key}")
+        if value is not True:
+            args += [str(v) for v in value] if isinstance(value, list) else [str(value)]
+    return args
+
+
+def stage_args(matrix: Matrix, folder: CellFolder, stage: str) -> list[str]:
+    """The `medsd STAGE ...` arguments of one stage of a cell."""
+    config = ["--config", str(folder.run / "config.yaml")]  # the fit's resolved config
+    if stage == "fit":
+        args = ["fit", *folder.cell.fit_args, "--trainer.default_root_dir", str(folder.run)]
+        last = folder.run / "checkpoints" / "last.ckpt"
+        return args + (["--ckpt_path", str(last)] if last.is_file() else [])
+    if stage == "sample":
+        options = dict(matrix.sample)
+        if "prompts" in options:  # a prompt file, relative to the matrix
+            options["prompts"] = str((matrix.path.parent / options["prompts"]).resolve())
+        else:  # prompts from a split of the cell's own dataset
+            options["config"] = config[1]
+        return ["sample", str(folder.run), "--out", str(folder.samples), *flags(options)]
+    return ["evaluate", "--generated", str(folder.samples), "--out", str(folder.metrics), *config,
+            *flags(matrix.evaluate)]  # fmt: skip
+
+
+def run_cell(matrix: Matrix, folder: CellFolder, retry_failed: bool = False) -> str:
+    """Run a cell's unfinished stages; returns its final state."""
+    status = folder.status()
+    if status["state"] == "done" or (status["state"] == "failed" and not retry_failed):
+        return status["state"]
+    folder.write_plan()
+    attempts = status.get("attempts", 0) + 1
+    for stage in folder.remaining_stages():
+        folder.write_status(state="running", running=stage, attempts=attempts, error=None)
+        error = run_stage(stage_args(matrix, folder, stage), folder.path / "logs" / f"{stage}.log")
+        if error:
+            folder.write_status(state="failed", running=None, error=f"{stage}: {error}")
+            log.error("cell %s failed in %s: %s", folder.cell.name, stage, error)
+            return "failed"
+        folder.write_status(stage=stage, running=None)
+    folder.write_status(state="done")
+    return "done"
+
+
+def run_stage(args: list[str], log_path: Path) -> str | None:
+    """Run `medsd ARGS` in a subprocess, appending to `log_path`; None on success, else the error."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as out:
+        out.write(f"\n$ medsd {' '.join(args)}\n")
+        out.flush()
+        result = subprocess.run(
+            [sys.executable, "-m", "experiments.cli", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=os.environ,
+        )
+    if result.returncode == 0:
+        return None
+    tail = log_path.read_text().strip().splitlines()[-3:]
+    return f"exit code {result.returncode}: {' | '.join(tail)}"
+
+
+def plan(matrix: Matrix, out: Path) -> list[CellFolder]:
+    return [CellFolder(out, cell) for cell in matrix.cells()]
+
+
+def describe(folders: list[CellFolder]) -> str:
+    """One line per cell: state, name, fit arguments."""
+    lines = []
+    for folder in folders:
+        status = folder.status()
+        lines.append(
+            f"{status['state']:8s} {folder.cell.name}\n         medsd fit {' '.join(folder.cell.fit_args)}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="medsd sweep", description=__doc__.split("\n")[0])
+    parser.add_argument("matrix", help="matrix YAML file")
+    parser.add_argument("--out", help="sweep folder (default: runs/sweeps/<matrix name>)")
+    parser.add_argument("--dry-run", action="store_true", help="list the cells and their state, run nothing")
+    parser.add_argument("--retry-failed", action="store_true", help="run failed cells again")
+    parser.add_argument("--summary-only", action="store_true", help="only (re)write the summary and plots")
+    args = parser.parse_args(argv)
+    matrix = Matrix.load(args.matrix)
+    out = Path(args.out or Path("runs") / "sweeps" / matrix.name)
+    folders = plan(matrix, out)
+    if args.dry_run:
+        print(f"{len(folders)} cells in {out}:\n{describe(folders)}")
+        return
+    if not args.summary_only:
+        for number, folder in enumerate(folders, 1):
+            print(f"[{number}/{len(folders)}] {folder.cell.name}", flush=True)
+            state = run_cell(matrix, folder, args.retry_failed)
+            print(f"[{number}/{len(folders)}] {folder.cell.name}: {state}", flush=True)
+    from .sweep_report import write_report
+
+    report = write_report(matrix, folders, out)
+    print(f"report: {report}")

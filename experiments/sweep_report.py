@@ -1,0 +1,172 @@
+"""The summary of a sweep: one table across cells, plots, and `report.md`.
+
+    <sweep>/summary.csv   long form: one row per cell and number (its axis labels, metric,
+                          extractor, label, run, value, interval, N), the cost included
+    <sweep>/summary.md    wide form: one row per cell, one column per headline number
+    <sweep>/plots/*.png   each headline metric per cell with its 95% interval; quality vs cost
+    <sweep>/report.md     states of the cells, the wide table and the plots
+
+Cells that are not done appear with their state and no numbers; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from lightning_modules.export import write_atomically
+
+from .matrix import Matrix
+
+# The run's cost fields carried into the summary: name -> (section, key) of its metrics.json "cost".
+COST_FIELDS = {
+    "parameters_trainable": ("parameters", "trainable"),
+    "train_flops_per_image": ("training", "flops_per_image"),
+    "train_wall_seconds": ("training", "wall_seconds"),
+    "gpu_hours": ("training", "gpu_hours"),
+    "sampling_flops_per_image": ("sampling", "flops_per_image"),
+}
+
+
+def cell_rows(folder) -> list[dict]:
+    """A cell's numbers: its evaluation's metric rows and its run's cost, labelled with the cell."""
+    status = folder.status()
+    base = {"cell": folder.cell.name, **dict(folder.cell.labels), "state": status["state"]}
+    rows = []
+    metrics = folder.metrics / "metrics.json"
+    if metrics.is_file():
+        for row in json.loads(metrics.read_text())["metrics"]:
+            rows.append(
+                {
+                    **base,
+                    "metric": row["metric"],
+                    "extractor": (row.get("extractor") or "").split(" ")[0],
+                    "label": row.get("label"),
+                    "run": row.get("run"),
+                    "value": row["value"],
+                    "ci_low": row.get("ci_low"),
+                    "ci_high": row.get("ci_high"),
+                    "n_generated": row.get("n_generated"),
+                }
+            )
+    cost_path = folder.run / "metrics.json"
+    if cost_path.is_file():
+        cost = json.loads(cost_path.read_text()).get("cost", {})
+        for name, (section, key) in COST_FIELDS.items():
+            value = cost.get(section, {}).get(key)
+            if value is not None:
+                rows.append({**base, "metric": name, "extractor": "cost", "value": value})
+    return rows or [base]
+
+
+def headline(long: pd.DataFrame) -> pd.DataFrame:
+    """One row per cell, one column per headline number ("fid inception", "clip_score open_clip",
+    "augmentation_auroc real+synthetic macro", ...)."""
+    numbers = long.dropna(subset=["metric"]).copy()
+    keep = numbers["label"].isna() | numbers["label"].isin(["macro", "macro minus real"])
+    keep |= numbers["metric"].str.startswith("insertion_")
+    numbers = numbers[keep]
+    states = long.drop_duplicates("cell").set_index("cell")
+    label_columns = [c for c in states.columns if c not in {"metric", "extractor", "label", "run", "value",
+                                                             "ci_low", "ci_high", "n_generated"}]  # fmt: skip
+    if numbers.empty:
+        return states[label_columns].reset_index()
+    parts = numbers[["metric", "run", "label", "extractor"]].fillna("").astype(str).values.tolist()
+    numbers["column"] = [" ".join(p for p in row if p and p != "cost") for row in parts]
+    wide = numbers.pivot_table(index="cell", columns="column", values="value", aggfunc="first")
+    return states[label_columns].join(wide).reset_index()
+
+
+def write_report(matrix: Matrix, folders: list, out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    long = pd.DataFrame([row for folder in folders for row in cell_rows(folder)])
+    for column in ("metric", "extractor", "label", "run", "value", "ci_low", "ci_high"):
+        if column not in long:
+            long[column] = None
+    write_atomically(out / "summary.csv", lambda tmp: long.to_csv(tmp, index=False))
+    wide = headline(long)
+    table = markdown(wide)
+    write_atomically(out / "summary.md", lambda tmp: tmp.write_text(table + "\n"))
+    plots = write_plots(long, list(matrix.axes), out / "plots")
+    states = long.drop_duplicates("cell")["state"].value_counts().to_dict()
+    lines = [
+        f"# Sweep {matrix.name}",
+        "",
+        f"Matrix: `{matrix.path}`; {len(folders)} cells: "
+        + ", ".join(f"{n} {state}" for state, n in sorted(states.items())),
+        "",
+        "Intervals, per-label classifier figures and every number's extractor and N are in "
+        "`summary.csv`; each cell's own `metrics/summary.md` has the full evaluation.",
+        "",
+        table,
+        "",
+        *[f"![{p.stem}](plots/{p.name})" for p in plots],
+    ]
+    write_atomically(out / "report.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+    return out / "report.md"
+
+
+def markdown(table: pd.DataFrame) -> str:
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return "" if pd.isna(value) else f"{value:.4g}"
+        return "" if value is None else str(value)
+
+    header = "| " + " | ".join(map(str, table.columns)) + " |"
+    rule = "|" + "---|" * len(table.columns)
+    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join([header, rule, *body])
+
+
+def write_plots(long: pd.DataFrame, axes: list[str], folder: Path) -> list[Path]:
+    """A bar per cell for each quality metric (with its interval), and quality vs training cost."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    quality = long[long["metric"].isin(["fid", "kid", "clip_score", "ms_ssim_intra_prompt"])]
+    quality = quality[quality["label"].isna()] if "label" in quality else quality
+    written = []
+    for (metric, extractor), group in quality.groupby(["metric", "extractor"]):
+        figure, axis = plt.subplots(figsize=(max(4, 0.6 * len(group) + 2), 3.5))
+        values = group["value"].astype(float)
+        low = (values - group["ci_low"].astype(float)).clip(lower=0).fillna(0)
+        high = (group["ci_high"].astype(float) - values).clip(lower=0).fillna(0)
+        axis.bar(range(len(group)), values, yerr=[low, high], capsize=3, color="#4c72b0")
+        axis.set_xticks(range(len(group)), [_short(r, axes) for r in group.to_dict("records")], rotation=45,
+                        ha="right", fontsize=7)  # fmt: skip
+        axis.set_title(f"{metric} ({extractor})" if extractor else metric)
+        figure.tight_layout()
+        written.append(_save(figure, folder / f"{metric}_{extractor or 'none'}.png"))
+        plt.close(figure)
+    fid = quality[(quality["metric"] == "fid")]
+    cost = long[long["metric"] == "train_flops_per_image"][["cell", "value"]].rename(
+        columns={"value": "flops"}
+    )
+    points = fid.merge(cost, on="cell") if len(fid) and len(cost) else pd.DataFrame()
+    if len(points):
+        figure, axis = plt.subplots(figsize=(5, 4))
+        for extractor, group in points.groupby("extractor"):
+            axis.scatter(group["flops"].astype(float), group["value"].astype(float), label=extractor)
+        axis.set_xscale("log")
+        axis.set_xlabel("training FLOPs per image")
+        axis.set_ylabel("FID (lower is better)")
+        axis.legend(fontsize=7)
+        axis.set_title("quality vs cost")
+        figure.tight_layout()
+        written.append(_save(figure, folder / "quality_vs_cost.png"))
+        plt.close(figure)
+    return written
+
+
+def _short(row: dict, axes: list[str]) -> str:
+    return ", ".join(str(row[a]) for a in axes if a in row)
+
+
+def _save(figure, path: Path) -> Path:
+    write_atomically(path, lambda tmp: figure.savefig(tmp, dpi=100, format="png"))
+    return path
