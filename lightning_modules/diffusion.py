@@ -274,11 +274,15 @@ class DiffusionModule(L.LightningModule):
                 "the batch has no 'input_ids': give the DataModule this module's "
                 "prompt_tokenizer (medsd's Trainer setup does this automatically)"
             )
-        input_ids = batch["input_ids"]
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         if caption_dropout > 0:
-            uncond = self.prompt_tokenizer.unconditional()["input_ids"][0]
-            input_ids = drop_captions(input_ids, uncond, caption_dropout, generator)
-        return self.encode_text(input_ids, batch["attention_mask"])
+            # Ids and mask are dropped together (one draw): a BERT-like encoder reads the mask,
+            # and must see the empty prompt's, as at sampling time.
+            uncond = self.prompt_tokenizer.unconditional()
+            both = torch.stack([input_ids, attention_mask.to(input_ids)], dim=1)
+            empty = torch.stack([uncond["input_ids"][0], uncond["attention_mask"][0].to(input_ids)])
+            input_ids, attention_mask = drop_captions(both, empty, caption_dropout, generator).unbind(1)
+        return self.encode_text(input_ids, attention_mask)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ from .kandinsky import (
     native_size,
     pipeline_from_export,
 )
+from .sdxl import tiny_sdxl_pipeline
 from .textual_inversion import EMBEDDINGS_FILE
 
 log = logging.getLogger(__name__)
@@ -116,8 +117,6 @@ def base_pipeline(name_or_path: str, revision: str | None = None, dtype: torch.d
     if name_or_path in (TINY_SD, TINY_SD2):
         return tiny_pipeline(sd2=name_or_path == TINY_SD2)  # fp32; load_pipeline casts
     if name_or_path == TINY_SDXL:
-        from .sdxl import tiny_sdxl_pipeline
-
         return tiny_sdxl_pipeline()
     if name_or_path == TINY_FLUX:
         return tiny_flux_pipeline()

@@ -7,7 +7,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from experiments.cli import MedsdCLI
+from experiments.cli import MedsdCLI, build_from_config
 from lightning_modules import load_domain_text_pipeline
 from lightning_modules.backbones import build_tiny_backbone, build_tiny_bert
 from lightning_modules.pipelines import tiny_pipeline
@@ -155,3 +155,15 @@ def test_domain_text_encoder_export_loads_with_the_medsd_loader(fit):
         output_type="np",
     ).images
     assert image.shape == (1, 32, 32, 3)
+
+
+def test_dropped_captions_get_the_empty_prompts_ids_and_mask():
+    """A BERT-like encoder reads the attention mask: a dropped caption must be encoded exactly as
+    the empty prompt is at sampling time, mask included."""
+    module, _ = build_from_config(["--config", str(CONFIGS / "domain_text_encoder.yaml")])
+    module.eval()
+    batch = module.prompt_tokenizer(["a bright circle on the left", "a square"])
+    with torch.no_grad():
+        dropped = module.batch_conditioning(batch, torch.Generator().manual_seed(0), caption_dropout=1.0)
+        empty = module.encode_prompts(["", ""], unconditional=True)
+    torch.testing.assert_close(dropped, empty)
