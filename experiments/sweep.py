@@ -101,8 +101,8 @@ def stage_args(matrix: Matrix, folder: CellFolder, stage: str) -> list[str]:
             *flags(matrix.evaluate)]  # fmt: skip
 
 
-def run_cell(matrix: Matrix, folder: CellFolder, retry_failed: bool = False) -> str:
-    """Run a cell's unfinished stages; returns its final state."""
+def run_cell(matrix: Matrix, folder: CellFolder, retry_failed: bool = False, env: dict | None = None) -> str:
+    """Run a cell's unfinished stages (with `env` added to the environment); returns its final state."""
     status = folder.status()
     if status["state"] == "done" or (status["state"] == "failed" and not retry_failed):
         return status["state"]
@@ -110,7 +110,7 @@ def run_cell(matrix: Matrix, folder: CellFolder, retry_failed: bool = False) -> 
     attempts = status.get("attempts", 0) + 1
     for stage in folder.remaining_stages():
         folder.write_status(state="running", running=stage, attempts=attempts, error=None)
-        error = run_stage(stage_args(matrix, folder, stage), folder.path / "logs" / f"{stage}.log")
+        error = run_stage(stage_args(matrix, folder, stage), folder.path / "logs" / f"{stage}.log", env)
         if error:
             folder.write_status(state="failed", running=None, error=f"{stage}: {error}")
             log.error("cell %s failed in %s: %s", folder.cell.name, stage, error)
@@ -120,7 +120,7 @@ def run_cell(matrix: Matrix, folder: CellFolder, retry_failed: bool = False) -> 
     return "done"
 
 
-def run_stage(args: list[str], log_path: Path) -> str | None:
+def run_stage(args: list[str], log_path: Path, env: dict | None = None) -> str | None:
     """Run `medsd ARGS` in a subprocess, appending to `log_path`; None on success, else the error."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as out:
@@ -130,7 +130,7 @@ def run_stage(args: list[str], log_path: Path) -> str | None:
             [sys.executable, "-m", "experiments.cli", *args],
             stdout=out,
             stderr=subprocess.STDOUT,
-            env=os.environ,
+            env={**os.environ, **(env or {})},
         )
     if result.returncode == 0:
         return None
@@ -154,12 +154,16 @@ def describe(folders: list[CellFolder]) -> str:
 
 
 def main(argv: list[str]) -> None:
+    from .sweep_launchers import add_launcher_arguments, launch  # they run this module's cells
+    from .sweep_report import write_report
+
     parser = argparse.ArgumentParser(prog="medsd sweep", description=__doc__.split("\n")[0])
     parser.add_argument("matrix", help="matrix YAML file")
     parser.add_argument("--out", help="sweep folder (default: runs/sweeps/<matrix name>)")
     parser.add_argument("--dry-run", action="store_true", help="list the cells and their state, run nothing")
     parser.add_argument("--retry-failed", action="store_true", help="run failed cells again")
     parser.add_argument("--summary-only", action="store_true", help="only (re)write the summary and plots")
+    add_launcher_arguments(parser)
     args = parser.parse_args(argv)
     matrix = Matrix.load(args.matrix)
     out = Path(args.out or Path("runs") / "sweeps" / matrix.name)
@@ -168,11 +172,7 @@ def main(argv: list[str]) -> None:
         print(f"{len(folders)} cells in {out}:\n{describe(folders)}")
         return
     if not args.summary_only:
-        for number, folder in enumerate(folders, 1):
-            print(f"[{number}/{len(folders)}] {folder.cell.name}", flush=True)
-            state = run_cell(matrix, folder, args.retry_failed)
-            print(f"[{number}/{len(folders)}] {folder.cell.name}: {state}", flush=True)
-    from .sweep_report import write_report
+        launch(args, matrix, folders, out)
 
     report = write_report(matrix, folders, out)
     print(f"report: {report}")

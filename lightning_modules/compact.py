@@ -109,6 +109,10 @@ class VAETraining(L.LightningModule):
         terms["loss"] = terms["reconstruction"] + self.kl_weight * terms["kl"]
         return terms
 
+    def loss_of_batch(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One training loss: what cost accounting counts FLOPs on."""
+        return self.losses(batch["pixel_values"], sample=True)["loss"]
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         terms = self.losses(batch["pixel_values"], sample=True)
         self.log_dict({f"train/{k}": v for k, v in terms.items()}, batch_size=len(batch["pixel_values"]))

@@ -121,6 +121,7 @@ class DiffusionModule(L.LightningModule):
         self.ema: EMAModel | None = None
         self._vae_dtype = torch.float32
         self._cached_text = False  # set in setup() when a prepared cache's embeddings fit this run
+        self._empty_embedding: torch.Tensor | None = None
 
     # --- what strategies define ---------------------------------------------------------
 
@@ -218,6 +219,12 @@ class DiffusionModule(L.LightningModule):
             cast_frozen_parameters(self.vae, self._vae_dtype)
         if self.ema is not None:
             self.ema.to(self.device)
+        if self._cached_text:
+            # The prepared cache holds every training prompt's embedding; the frozen text encoder
+            # is only needed for the empty prompt (computed once, here) and the validation
+            # prompts, so it leaves the GPU for the rest of the fit.
+            self.empty_prompt_embedding()
+            self.text_encoder.to("cpu")
 
     # --- loss ---------------------------------------------------------------------------
 
@@ -266,7 +273,7 @@ class DiffusionModule(L.LightningModule):
         if "prompt_embeds" in batch and self._cached_text:
             embeds = batch["prompt_embeds"]
             if caption_dropout > 0:
-                uncond = self.encode_prompts([""], unconditional=True)
+                uncond = self.empty_prompt_embedding()
                 embeds = drop_captions(embeds, uncond.to(embeds), caption_dropout, generator)
             return embeds
         if "input_ids" not in batch:
@@ -318,6 +325,10 @@ class DiffusionModule(L.LightningModule):
         if obj.snr_gamma is not None:
             weights = min_snr_weights(self.noise_scheduler, timesteps, obj.snr_gamma)
         return diffusion_loss(prediction, target, weights, obj.loss)
+
+    def loss_of_batch(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One training loss without caption dropout: what cost accounting counts FLOPs on."""
+        return self.diffusion_step(batch, generator, caption_dropout=0.0)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.diffusion_step(batch, None, self.objective.caption_dropout)
@@ -391,7 +402,16 @@ class DiffusionModule(L.LightningModule):
     def encode_prompts(self, prompts: list[str], unconditional: bool = False) -> torch.Tensor:
         tokenizer = self.prompt_tokenizer
         tokens = tokenizer.unconditional(len(prompts)) if unconditional else tokenizer(prompts)
-        return self.encode_text(tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
+        device = next(self.text_encoder.parameters()).device  # the CPU once a cache replaced it
+        embeds = self.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+        return embeds if device == self.device else embeds.to(self.device)
+
+    def empty_prompt_embedding(self) -> torch.Tensor:
+        """The empty prompt's embedding [1, L, D], computed once: it is constant while the text
+        conditioning is frozen, which is when prepared embeddings (and this) are used."""
+        if self._empty_embedding is None:
+            self._empty_embedding = self.encode_prompts([""], unconditional=True)
+        return self._empty_embedding
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:

@@ -11,7 +11,7 @@ from datamodules import CSVImageTextDataModule, write_synthetic_folder
 from datamodules.cache import CacheMismatchError, PreparedCache
 from experiments.cli import main as medsd
 from experiments.prepare import prepare_cache
-from lightning_modules import FineTuning, TextualInversion
+from lightning_modules import FineTuning, Objective, TextualInversion
 from lightning_modules.backbones import BackboneSpec
 
 TINY = BackboneSpec("medsd/tiny-sd")
@@ -119,3 +119,18 @@ def test_prepare_then_fit_through_the_cli(tmp_path):
     medsd(["fit", "--config", config, "--data.init_args.cache_dir", str(cache),
            "--trainer.default_root_dir", str(root), "--trainer.max_steps", "4"])  # fmt: skip
     assert (root / "export" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_with_cached_embeddings_the_text_encoder_encodes_only_the_empty_prompt(folder, cache, tmp_path):
+    """Training from a cache with caption dropout runs the frozen text encoder once, for the
+    empty prompt, and then moves it off the accelerator (a no-op on this CPU)."""
+    module = FineTuning(backbone=TINY, objective=Objective(caption_dropout=0.5))
+    calls = []
+    module.text_encoder.register_forward_hook(lambda *args: calls.append(1))
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False, default_root_dir=tmp_path,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(module, data(folder, cache_dir=str(cache)))
+    assert module._cached_text is True and len(calls) == 1
+    assert next(module.text_encoder.parameters()).device.type == "cpu"

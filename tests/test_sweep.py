@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from experiments import sweep_launchers
 from experiments.cli import main as medsd
 from experiments.matrix import Matrix, slug
+from experiments.sweep import plan
 from tests.evaluation_helpers import random_inception_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,3 +179,30 @@ def test_failed_cells_are_kept_until_retried(tiny_matrix, tmp_path):
     medsd(["sweep", str(matrix), "--out", str(out), "--retry-failed"])
     assert statuses(out)["strategy-broken"]["attempts"] == 2
     assert "failed" in (out / "report.md").read_text()
+
+
+def test_parallel_workers_each_see_only_their_gpu_group(tiny_matrix, tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_run_cell(matrix, folder, retry_failed, env=None):
+        seen[folder.cell.name] = env["CUDA_VISIBLE_DEVICES"]
+        time.sleep(0.2)  # both workers get a cell
+        return "done"
+
+    monkeypatch.setattr(sweep_launchers, "run_cell", fake_run_cell)
+    matrix = Matrix.load(tiny_matrix)
+    sweep_launchers.run_parallel(matrix, plan(matrix, tmp_path), False, ["0,1", "2,3"])
+    assert sorted(seen) == ["strategy-lora", "strategy-unet"]
+    assert sorted(seen.values()) == ["0,1", "2,3"]
+
+
+def test_submitit_runs_a_two_cell_sweep_through_its_local_executor(tiny_matrix, tmp_path):
+    out = tmp_path / "sweep"
+    medsd(["sweep", str(tiny_matrix), "--out", str(out), "--launcher", "submitit", "--cluster", "local",
+           "--timeout-min", "20"])  # fmt: skip
+    assert {name: s["state"] for name, s in statuses(out).items()} == {
+        "strategy-lora": "done",
+        "strategy-unet": "done",
+    }
+    assert list((out / "submitit").glob("*_log.out"))  # the jobs' own logs
+    assert "2 done" in (out / "report.md").read_text()
