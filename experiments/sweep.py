@@ -32,6 +32,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from lightning_modules.export import write_atomically
@@ -101,8 +102,15 @@ def stage_args(matrix: Matrix, folder: CellFolder, stage: str) -> list[str]:
             *flags(matrix.evaluate)]  # fmt: skip
 
 
-def run_cell(matrix: Matrix, folder: CellFolder, retry_failed: bool = False, env: dict | None = None) -> str:
-    """Run a cell's unfinished stages (with `env` added to the environment); returns its final state."""
+def run_cell(
+    matrix: Matrix,
+    folder: CellFolder,
+    retry_failed: bool = False,
+    env: dict | None = None,
+    on_stage: Callable[[str], None] | None = None,
+) -> str:
+    """Run a cell's unfinished stages (with `env` added to the environment); returns its final state.
+    `on_stage(stage)` is called as each stage starts (for a progress display)."""
     status = folder.status()
     if status["state"] == "done" or (status["state"] == "failed" and not retry_failed):
         return status["state"]
@@ -110,6 +118,8 @@ def run_cell(matrix: Matrix, folder: CellFolder, retry_failed: bool = False, env
     attempts = status.get("attempts", 0) + 1
     for stage in folder.remaining_stages():
         folder.write_status(state="running", running=stage, attempts=attempts, error=None)
+        if on_stage is not None:
+            on_stage(stage)
         error = run_stage(stage_args(matrix, folder, stage), folder.path / "logs" / f"{stage}.log", env)
         if error:
             folder.write_status(state="failed", running=None, error=f"{stage}: {error}")

@@ -43,10 +43,33 @@ def launch(args: argparse.Namespace, matrix: Matrix, folders: list[CellFolder], 
     elif args.launcher == "submitit":
         run_submitit(matrix, folders, args.retry_failed, out, args)
     else:
-        for number, folder in enumerate(folders, 1):
-            print(f"[{number}/{len(folders)}] {folder.cell.name}", flush=True)
-            state = run_cell(matrix, folder, args.retry_failed)
-            print(f"[{number}/{len(folders)}] {folder.cell.name}: {state}", flush=True)
+        run_sequential(matrix, folders, args.retry_failed)
+
+
+def run_sequential(matrix: Matrix, folders: list[CellFolder], retry_failed: bool) -> None:
+    """Cells one after another, with a progress display: a bar over the cells, the current cell
+    and stage, and the time so far. Each finished cell is printed with its state."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn()]  # fmt: skip
+    with Progress(*columns) as progress:
+        task = progress.add_task("sweep", total=len(folders))
+        for folder in folders:
+
+            def show(stage: str, name: str = folder.cell.name) -> None:
+                progress.update(task, description=f"{name}: {stage}")
+
+            state = run_cell(matrix, folder, retry_failed, on_stage=show)
+            progress.console.print(f"{folder.cell.name}: {state}")
+            progress.advance(task)
 
 
 def run_parallel(matrix: Matrix, folders: list[CellFolder], retry_failed: bool, groups: list[str]) -> None:
