@@ -13,11 +13,15 @@
     include: [{strategy: lora, lr: 1.0e-3}]   # add cells back (or cells the product lacks)
     sample: {per-prompt: 4, steps: 50, split: test}   # `medsd sample` flags for every cell
     evaluate: {real-split: test, bootstrap: 200}        # `medsd evaluate` flags
+    prepare:                              # `medsd` commands run once, before any cell
+      - phantoms --layout mimic-cxr --n 400 --out {sweep}/data/mimic-cxr
 
 Config paths are relative to the matrix file. A labelled setting's `config` (a path or a list)
 adds config files; every other key is a dotted `medsd fit` override. A cell's arguments are the
 base configs, then its axes' settings in axis order (later ones win, as on the command line).
 A cell is named by its labels, `strategy-lora__lr-0.001`, which is also its folder name.
+`{sweep}` anywhere in an argument or flag stands for the sweep's output folder, so that data a
+`prepare` command makes there can be named by the cells.
 """
 
 from __future__ import annotations
@@ -25,12 +29,13 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-TOP_LEVEL = {"name", "base", "axes", "include", "exclude", "sample", "evaluate"}
+TOP_LEVEL = {"name", "base", "axes", "include", "exclude", "sample", "evaluate", "prepare"}
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,7 @@ class Matrix:
     exclude: list[dict[str, str]]
     sample: dict
     evaluate: dict
+    prepare: list[list[str]]
 
     @classmethod
     def load(cls, path: str | Path) -> Matrix:
@@ -96,6 +102,7 @@ class Matrix:
             exclude=[_rule(path, "exclude", rule, axes) for rule in spec.get("exclude") or []],
             sample=dict(spec.get("sample") or {}),
             evaluate=dict(spec.get("evaluate") or {}),
+            prepare=[shlex.split(command) for command in spec.get("prepare") or []],
         )
         for rule in matrix.include:
             if set(rule) != set(axes):

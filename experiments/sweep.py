@@ -102,6 +102,29 @@ def stage_args(matrix: Matrix, folder: CellFolder, stage: str) -> list[str]:
             *flags(matrix.evaluate)]  # fmt: skip
 
 
+def in_sweep(args: list[str], out: Path) -> list[str]:
+    """`{sweep}` in any argument -> the sweep's folder."""
+    return [arg.replace("{sweep}", str(out)) for arg in args]
+
+
+def run_prepare(matrix: Matrix, out: Path) -> None:
+    """The matrix's `prepare` commands, each once: a finished one leaves a marker holding its
+    command line, and is run again only if that line changes."""
+    log_path = out / "logs" / "prepare.log"
+    for number, args in enumerate(matrix.prepare):
+        args = in_sweep(args, out)
+        line = " ".join(args)
+        marker = out / ".prepare" / f"{number}.done"
+        if marker.is_file() and marker.read_text() == line:
+            continue
+        print(f"prepare: medsd {line}", flush=True)
+        error = run_stage(args, log_path)
+        if error:
+            raise SystemExit(f"medsd sweep: prepare command failed ({error}); see {log_path}")
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(marker, lambda tmp, text=line: tmp.write_text(text))
+
+
 def run_cell(
     matrix: Matrix,
     folder: CellFolder,
@@ -120,7 +143,8 @@ def run_cell(
         folder.write_status(state="running", running=stage, attempts=attempts, error=None)
         if on_stage is not None:
             on_stage(stage)
-        error = run_stage(stage_args(matrix, folder, stage), folder.path / "logs" / f"{stage}.log", env)
+        args = in_sweep(stage_args(matrix, folder, stage), folder.path.parent)
+        error = run_stage(args, folder.path / "logs" / f"{stage}.log", env)
         if error:
             folder.write_status(state="failed", running=None, error=f"{stage}: {error}")
             log.error("cell %s failed in %s: %s", folder.cell.name, stage, error)
@@ -182,6 +206,7 @@ def main(argv: list[str]) -> None:
         print(f"{len(folders)} cells in {out}:\n{describe(folders)}")
         return
     if not args.summary_only:
+        run_prepare(matrix, out)
         launch(args, matrix, folders, out)
 
     report = write_report(matrix, folders, out)

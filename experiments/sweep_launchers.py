@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 
 from .matrix import Matrix
-from .sweep import CellFolder, run_cell, run_stage, stage_args
+from .sweep import CellFolder, in_sweep, run_cell, run_stage, stage_args
 
 
 def add_launcher_arguments(parser: argparse.ArgumentParser) -> None:
@@ -138,5 +138,5 @@ def cell_job(matrix_path: str, out: str, cell_name: str, retry_failed: bool) -> 
         return status["state"]
     if "fit" in folder.remaining_stages():
         log = folder.path / "logs" / f"fit.rank{rank}.log"
-        run_stage(stage_args(matrix, folder, "fit"), log)
+        run_stage(in_sweep(stage_args(matrix, folder, "fit"), Path(out)), log)
     return "fit task done"

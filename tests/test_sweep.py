@@ -14,7 +14,7 @@ import yaml
 from experiments import sweep_launchers
 from experiments.cli import main as medsd
 from experiments.matrix import Matrix, slug
-from experiments.sweep import plan
+from experiments.sweep import in_sweep, plan, run_prepare, stage_args
 from tests.evaluation_helpers import random_inception_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,3 +206,20 @@ def test_submitit_runs_a_two_cell_sweep_through_its_local_executor(tiny_matrix, 
     }
     assert list((out / "submitit").glob("*_log.out"))  # the jobs' own logs
     assert "2 done" in (out / "report.md").read_text()
+
+
+def test_prepare_commands_run_once_and_cells_name_their_output(tmp_path):
+    spec = {
+        "prepare": ["phantoms --layout mimic-cxr --n 12 --out {sweep}/data --image-size 32"],
+        "axes": {"strategy": {"unet": {"config": str(TINY / "phantoms" / "mimic_cxr.yaml"),
+                                       "data.init_args.root": "{sweep}/data"}}},
+    }  # fmt: skip
+    matrix = Matrix.load(write_matrix(tmp_path, spec))
+    out = tmp_path / "sweep"
+    run_prepare(matrix, out)
+    assert (out / "data" / "mimic-cxr-2.0.0-metadata.csv.gz").is_file()
+    run_prepare(matrix, out)  # done already: not run again
+    assert (out / "logs" / "prepare.log").read_text().count("$ medsd phantoms") == 1
+    (folder,) = plan(matrix, out)
+    fit = in_sweep(stage_args(matrix, folder, "fit"), out)
+    assert fit[fit.index("--data.init_args.root") + 1] == f"{out}/data"
