@@ -159,6 +159,23 @@ def build_clip_tokenizer(max_length: int = 77) -> CLIPTokenizer:
     return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=max_length)
 
 
+def build_tiny_vae(latent_channels: int = 4, **config) -> AutoencoderKL:
+    """The tiny models' VAE: 32 px images, 2x downsampling, widths 16 and 32 (random weights from
+    the caller's RNG state); `config` adds family-specific settings (scaling and shift factors)."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=8,
+        sample_size=32,
+        **config,
+    )
+
+
 def build_tiny_backbone(seed: int = 0, sd2: bool = False) -> Backbone:
     """A Stable Diffusion 1.x-shaped model small enough to train on a CPU in seconds.
 
@@ -185,17 +202,7 @@ def build_tiny_backbone(seed: int = 0, sd2: bool = False) -> Backbone:
                 pad_token_id=tokenizer.pad_token_id,
             )
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            block_out_channels=(16, 32),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=32,
-        )
+        vae = build_tiny_vae()
         unet = UNet2DConditionModel(
             sample_size=16,
             in_channels=4,

@@ -33,7 +33,7 @@ from transformers import (
     T5TokenizerFast,
 )
 
-from .backbones import BackboneSpec, _not_found, build_clip_tokenizer, build_sampler
+from .backbones import BackboneSpec, _not_found, build_clip_tokenizer, build_sampler, build_tiny_vae
 from .diffusion import DiffusionModule, cast_frozen_parameters
 from .objectives import diffusion_loss, sample_noise
 from .prompts import PromptTokenizer
@@ -162,16 +162,8 @@ def build_tiny_flux(seed: int = 0) -> FluxParts:
                 eos_token_id=tokenizer_2.eos_token_id,
             )
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            block_out_channels=(16, 32),
-            layers_per_block=1,
+        vae = build_tiny_vae(
             latent_channels=16,
-            norm_num_groups=8,
-            sample_size=32,
             scaling_factor=FLUX_VAE_SCALING,
             shift_factor=FLUX_VAE_SHIFT,
             use_quant_conv=False,

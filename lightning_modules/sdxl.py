@@ -39,6 +39,7 @@ from .backbones import (
     _not_found,
     build_clip_tokenizer,
     build_sampler,
+    build_tiny_vae,
 )
 from .diffusion import HALF_PRECISIONS, cast_frozen_parameters
 from .fine_tuning import FineTuning
@@ -113,14 +114,7 @@ def build_tiny_sdxl(seed: int = 0) -> SDXLParts:
                 **text, pad_token_id=tokenizer_2.pad_token_id, projection_dim=32, hidden_act="gelu"
             )
         )
-        vae = AutoencoderKL(
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            block_out_channels=(16, 32),
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=32,
-        )
+        vae = build_tiny_vae()
         unet = UNet2DConditionModel(
             sample_size=16,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
