@@ -134,6 +134,12 @@ class CLIPFeatures(FeatureExtractor):
             open_clip.add_model_config(model_name)
             model_name = Path(model_name).stem
         self.model_name = model_name
+        if model is None and pretrained is None:
+            # open_clip would build the model with random weights: features that mean nothing.
+            raise MissingWeightsError(
+                f"no weights for open_clip {model_name}: pass --clip-weights (a weight file, or a tag "
+                "already in open_clip's cache, e.g. 'openai')"
+            )
         if model is None:
             try:
                 model = open_clip.create_model(model_name, pretrained=pretrained)

@@ -21,7 +21,8 @@ adds config files; every other key is a dotted `medsd fit` override. A cell's ar
 base configs, then its axes' settings in axis order (later ones win, as on the command line).
 A cell is named by its labels, `strategy-lora__lr-0.001`, which is also its folder name.
 `{sweep}` anywhere in an argument or flag stands for the sweep's output folder, so that data a
-`prepare` command makes there can be named by the cells.
+`prepare` command makes there can be named by the cells; in `prepare` commands, `{matrix}` stands
+for the matrix file's folder (for their config paths).
 """
 
 from __future__ import annotations
@@ -102,7 +103,10 @@ class Matrix:
             exclude=[_rule(path, "exclude", rule, axes) for rule in spec.get("exclude") or []],
             sample=dict(spec.get("sample") or {}),
             evaluate=dict(spec.get("evaluate") or {}),
-            prepare=[shlex.split(command) for command in spec.get("prepare") or []],
+            prepare=[
+                [arg.replace("{matrix}", str(folder.resolve())) for arg in shlex.split(command)]
+                for command in spec.get("prepare") or []
+            ],
         )
         for rule in matrix.include:
             if set(rule) != set(axes):

@@ -13,6 +13,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 
 import diffusers
 import torch
@@ -35,6 +36,10 @@ log = logging.getLogger(__name__)
 TINY_SD = "medsd/tiny-sd"
 TINY_SD2 = "medsd/tiny-sd2"  # the same size, shaped like Stable Diffusion 2.x (v-prediction)
 TINY_SDXL = "medsd/tiny-sdxl"  # shaped like SDXL: see lightning_modules/sdxl.py
+# The demo's base model: tiny-SD-shaped, pretrained on generated shapes by
+# experiments/pretrain_demo_base.py, shipped as a diffusers folder inside this package.
+DEMO_BASE = "medsd/demo-base"
+DEMO_BASE_DIR = Path(__file__).resolve().parent / "demo_base"
 TINY_BERT = "medsd/tiny-bert"
 TINY_CLIP = "medsd/tiny-clip"  # the tiny backbone's CLIP text encoder and tokenizer on their own
 
@@ -97,6 +102,11 @@ def _not_found(what: str, name_or_path: str, error: Exception) -> BackboneNotFou
     )
 
 
+def local_name(name_or_path: str) -> str:
+    """A built-in folder's path for its `medsd/...` name (the demo base); anything else as it is."""
+    return str(DEMO_BASE_DIR) if name_or_path == DEMO_BASE else name_or_path
+
+
 def load_backbone(spec: BackboneSpec, dtype: torch.dtype | None = None) -> Backbone:
     """Load every part of a Stable Diffusion-family model (weights in `dtype`, default fp32)."""
     if spec.name_or_path in (TINY_SD, TINY_SD2):
@@ -112,7 +122,7 @@ def load_backbone(spec: BackboneSpec, dtype: torch.dtype | None = None) -> Backb
 def _load_pretrained(spec: BackboneSpec, dtype: torch.dtype | None) -> Backbone:
     where = dict(revision=spec.revision)
     weights = dict(where, variant=spec.variant, torch_dtype=dtype)
-    path = spec.name_or_path
+    path = local_name(spec.name_or_path)
     try:
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **where)
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights)

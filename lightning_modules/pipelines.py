@@ -20,7 +20,15 @@ import torch
 from diffusers import DiffusionPipeline, KandinskyV22CombinedPipeline, StableDiffusionPipeline
 from PIL import Image
 
-from .backbones import TINY_SD, TINY_SD2, TINY_SDXL, _not_found, build_sampler, build_tiny_backbone
+from .backbones import (
+    TINY_SD,
+    TINY_SD2,
+    TINY_SDXL,
+    _not_found,
+    build_sampler,
+    build_tiny_backbone,
+    local_name,
+)
 from .domain_text_encoder import DOMAIN_TEXT_LOADER, DomainTextPipeline, load_domain_text_pipeline
 from .export import MANIFEST, read_manifest
 from .flux import TINY_FLUX, tiny_flux_pipeline
@@ -122,6 +130,7 @@ def base_pipeline(name_or_path: str, revision: str | None = None, dtype: torch.d
         return tiny_flux_pipeline()
     if name_or_path == TINY_KANDINSKY:
         return combined_pipeline(build_tiny_kandinsky())
+    name_or_path = local_name(name_or_path)  # the shipped demo base
     try:
         components = DiffusionPipeline.load_config(name_or_path, revision=revision)
     except (OSError, ValueError) as error:

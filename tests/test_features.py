@@ -71,3 +71,8 @@ def test_clip_features_are_normalised_embeddings(tmp_path):
     with torch.no_grad():
         expected = torch.nn.functional.normalize(model.encode_image((x / 255 - mean) / std), dim=-1)
     torch.testing.assert_close(feats, expected.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_clip_without_weights_is_refused_rather_than_random():
+    with pytest.raises(MissingWeightsError, match="--clip-weights"):
+        CLIPFeatures("ViT-B-32")

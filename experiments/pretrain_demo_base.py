@@ -1,0 +1,49 @@
+"""Pretrain the demo's base model on a procedural domain that is not chest X-rays.
+
+    python -m experiments.pretrain_demo_base [--out lightning_modules/demo_base] [--minutes 2]
+
+Stable Diffusion meets radiographs after pretraining on natural images; the demo needs the same
+situation at CPU scale, so its base model (`medsd/demo-base`) is pretrained here on generated
+bright shapes and then adapted to chest phantoms by every strategy. Two `medsd fit` runs, each
+bounded by time: a VAE (experiments/configs/demo/base_vae.yaml), then a tiny text-to-image U-Net
+on its latents with a frozen tiny CLIP text encoder (base.yaml). The second run's export, a
+diffusers pipeline folder, is copied to `--out`; the repository ships the result, so the demo
+never waits for this.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from lightning_modules.export import atomic_directory
+
+from .cli import main as medsd
+
+CONFIGS = Path(__file__).resolve().parent / "configs" / "demo"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "lightning_modules" / "demo_base"
+
+
+def pretrain(out: Path, work: Path, minutes: float) -> Path:
+    limit = ["--trainer.max_time", f"00:00:{int(minutes):02d}:{int(minutes % 1 * 60):02d}"]
+    medsd(["fit", "--config", str(CONFIGS / "base_vae.yaml"), "--trainer.default_root_dir", str(work / "vae"),
+           *limit])  # fmt: skip
+    medsd(["fit", "--config", str(CONFIGS / "base.yaml"), "--trainer.default_root_dir", str(work / "base"),
+           "--model.init_args.vae", str(work / "vae" / "export"), *limit])  # fmt: skip
+    with atomic_directory(out) as scratch:
+        shutil.copytree(work / "base" / "export", scratch, dirs_exist_ok=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="where the base model folder goes")
+    parser.add_argument("--work", default="runs/demo-base", help="the two runs' folders")
+    parser.add_argument("--minutes", type=float, default=2.0, help="time limit of each of the two runs")
+    args = parser.parse_args(argv)
+    print(pretrain(Path(args.out), Path(args.work), args.minutes))
+
+
+if __name__ == "__main__":
+    main()
