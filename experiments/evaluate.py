@@ -142,6 +142,8 @@ def evaluate(args, config_args: list[str]) -> dict:
 
         run_metric("clip score", rows, skipped, alignment)
 
+    if args.train_split and not extractors:
+        skipped["memorisation"] = "needs the features of an extractor, and none could be loaded"
     if args.train_split and extractors:
         name, extractor = next(iter(extractors.items()))
 

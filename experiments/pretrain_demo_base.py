@@ -1,6 +1,6 @@
 """Pretrain the demo's base model on a procedural domain that is not chest X-rays.
 
-    python -m experiments.pretrain_demo_base [--out lightning_modules/demo_base] [--minutes 2]
+    python -m experiments.pretrain_demo_base [--out DIR] [--vae-minutes 2] [--minutes 10]
 
 Stable Diffusion meets radiographs after pretraining on natural images; the demo needs the same
 situation at CPU scale, so its base model (`medsd/demo-base`) is pretrained here on generated
@@ -25,12 +25,15 @@ CONFIGS = Path(__file__).resolve().parent / "configs" / "demo"
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "lightning_modules" / "demo_base"
 
 
-def pretrain(out: Path, work: Path, minutes: float) -> Path:
-    limit = ["--trainer.max_time", f"00:00:{int(minutes):02d}:{int(minutes % 1 * 60):02d}"]
+def time_limit(minutes: float) -> list[str]:
+    return ["--trainer.max_time", f"00:00:{int(minutes):02d}:{int(minutes % 1 * 60):02d}"]
+
+
+def pretrain(out: Path, work: Path, vae_minutes: float, minutes: float) -> Path:
     medsd(["fit", "--config", str(CONFIGS / "base_vae.yaml"), "--trainer.default_root_dir", str(work / "vae"),
-           *limit])  # fmt: skip
+           *time_limit(vae_minutes)])  # fmt: skip
     medsd(["fit", "--config", str(CONFIGS / "base.yaml"), "--trainer.default_root_dir", str(work / "base"),
-           "--model.init_args.vae", str(work / "vae" / "export"), *limit])  # fmt: skip
+           "--model.init_args.vae", str(work / "vae" / "export"), *time_limit(minutes)])  # fmt: skip
     with atomic_directory(out) as scratch:
         shutil.copytree(work / "base" / "export", scratch, dirs_exist_ok=True)
     return out
@@ -40,9 +43,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="where the base model folder goes")
     parser.add_argument("--work", default="runs/demo-base", help="the two runs' folders")
-    parser.add_argument("--minutes", type=float, default=2.0, help="time limit of each of the two runs")
+    parser.add_argument("--vae-minutes", type=float, default=2.0, help="time limit of the VAE run")
+    parser.add_argument("--minutes", type=float, default=10.0, help="time limit of the U-Net run")
     args = parser.parse_args(argv)
-    print(pretrain(Path(args.out), Path(args.work), args.minutes))
+    print(pretrain(Path(args.out), Path(args.work), args.vae_minutes, args.minutes))
 
 
 if __name__ == "__main__":
