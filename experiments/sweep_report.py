@@ -30,6 +30,10 @@ COST_FIELDS = {
 }
 
 
+# Left out of the wide table (kept in summary.csv): accuracies next to the AUROCs, and timings.
+HIDDEN = {"augmentation_accuracy", "sampling_flops_per_image"}
+
+
 def cell_rows(folder) -> list[dict]:
     """A cell's numbers: its evaluation's metric rows and its run's cost, labelled with the cell."""
     status = folder.status()
@@ -67,6 +71,8 @@ def headline(long: pd.DataFrame) -> pd.DataFrame:
     numbers = long.dropna(subset=["metric"]).copy()
     keep = numbers["label"].isna() | numbers["label"].isin(["macro", "macro minus real"])
     keep |= numbers["metric"].str.startswith("insertion_")
+    keep &= ~numbers["metric"].isin(HIDDEN)
+    keep &= numbers["run"].fillna("") != "real"  # the same real-only classifier in every cell
     numbers = numbers[keep]
     states = long.drop_duplicates("cell").set_index("cell")
     label_columns = [c for c in states.columns if c not in {"metric", "extractor", "label", "run", "value",
@@ -74,7 +80,7 @@ def headline(long: pd.DataFrame) -> pd.DataFrame:
     if numbers.empty:
         return states[label_columns].reset_index()
     parts = numbers[["metric", "run", "label", "extractor"]].fillna("").astype(str).values.tolist()
-    numbers["column"] = [" ".join(p for p in row if p and p != "cost") for row in parts]
+    numbers["column"] = [" ".join(p for p in row if p and p not in ("cost", "classifier")) for row in parts]
     wide = numbers.pivot_table(index="cell", columns="column", values="value", aggfunc="first")
     return states[label_columns].join(wide).reset_index()
 

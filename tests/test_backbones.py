@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from lightning_modules.backbones import (
+    DEMO_BASE,
     BackboneNotFoundError,
     BackboneSpec,
     build_clip_tokenizer,
@@ -10,7 +11,7 @@ from lightning_modules.backbones import (
     load_backbone,
     load_text_encoder,
 )
-from lightning_modules.pipelines import tiny_pipeline
+from lightning_modules.pipelines import load_pipeline, render, tiny_pipeline
 
 PROMPTS = [
     "Small left pleural effusion. No pneumothorax.",
@@ -59,3 +60,10 @@ def test_missing_model_gives_one_clear_error(name):
 def test_missing_text_encoder_gives_one_clear_error():
     with pytest.raises(BackboneNotFoundError, match="'nobody/no-such-bert'"):
         load_text_encoder("nobody/no-such-bert")
+
+
+def test_the_shipped_demo_base_loads_as_a_backbone_and_a_pipeline():
+    parts = load_backbone(BackboneSpec(DEMO_BASE))
+    assert parts.vae.config.latent_channels == 4 and parts.unet.config.sample_size == 16
+    (image,) = render(load_pipeline(DEMO_BASE), ["a bright circle on the left"], [0], steps=2, guidance=3.0)
+    assert image.size == (32, 32)
