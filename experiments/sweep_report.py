@@ -18,7 +18,7 @@ import pandas as pd
 
 from lightning_modules.export import write_atomically
 
-from .matrix import Matrix
+from .matrix import Matrix, slug
 
 # The run's cost fields carried into the summary: name -> (section, key) of its metrics.json "cost".
 COST_FIELDS = {
@@ -126,18 +126,29 @@ def markdown(table: pd.DataFrame) -> str:
     return "\n".join([header, rule, *body])
 
 
+def plotted(long: pd.DataFrame) -> pd.DataFrame:
+    """The numbers worth a bar chart: feature metrics and MS-SSIM (no label), insertion rates per
+    finding, and the synthetic and real+synthetic augmentation runs' macro AUROC."""
+    metric, label, run = long["metric"], long["label"], long["run"].fillna("")
+    plain = metric.isin(["fid", "kid", "clip_score", "ms_ssim_intra_prompt"]) & label.isna()
+    insertion = metric.str.startswith("insertion_", na=False)
+    augmentation = (metric == "augmentation_auroc") & (label == "macro") & (run != "real")
+    return long[plain | insertion | augmentation]
+
+
 def write_plots(long: pd.DataFrame, axes: list[str], folder: Path) -> list[Path]:
-    """A bar per cell for each quality metric (with its interval), and quality vs training cost."""
+    """A bar per cell for each quality number (with its interval), and quality vs training cost."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)
-    quality = long[long["metric"].isin(["fid", "kid", "clip_score", "ms_ssim_intra_prompt"])]
-    quality = quality[quality["label"].isna()] if "label" in quality else quality
+    quality = plotted(long).copy()
+    for column in ("extractor", "label", "run"):
+        quality[column] = quality[column].fillna("")
     written = []
-    for (metric, extractor), group in quality.groupby(["metric", "extractor"]):
+    for (metric, extractor, label, run), group in quality.groupby(["metric", "extractor", "label", "run"]):
         figure, axis = plt.subplots(figsize=(max(4, 0.6 * len(group) + 2), 3.5))
         values = group["value"].astype(float)
         low = (values - group["ci_low"].astype(float)).clip(lower=0).fillna(0)
@@ -145,22 +156,31 @@ def write_plots(long: pd.DataFrame, axes: list[str], folder: Path) -> list[Path]
         axis.bar(range(len(group)), values, yerr=[low, high], capsize=3, color="#4c72b0")
         axis.set_xticks(range(len(group)), [_short(r, axes) for r in group.to_dict("records")], rotation=45,
                         ha="right", fontsize=7)  # fmt: skip
-        axis.set_title(f"{metric} ({extractor})" if extractor else metric)
+        name = " ".join(p for p in (metric, run, label) if p)
+        axis.set_title(
+            f"{name} ({extractor})" if extractor and extractor != "classifier" else name, fontsize=9
+        )
         figure.tight_layout()
-        written.append(_save(figure, folder / f"{metric}_{extractor or 'none'}.png"))
+        written.append(_save(figure, folder / f"{slug(name)}_{slug(extractor or 'none')}.png"))
         plt.close(figure)
-    fid = quality[(quality["metric"] == "fid")]
-    cost = long[long["metric"] == "train_flops_per_image"][["cell", "value"]].rename(
-        columns={"value": "flops"}
-    )
-    points = fid.merge(cost, on="cell") if len(fid) and len(cost) else pd.DataFrame()
+    cost = long[long["metric"] == "train_flops_per_image"][["cell", "value"]]
+    cost = cost.rename(columns={"value": "flops"})
+    # Quality vs cost: FID where an extractor was available, else the insertion detection rates.
+    fid = quality[quality["metric"] == "fid"]
+    points = fid if len(fid) else quality[quality["metric"] == "insertion_detection_rate"]
+    points = points.merge(cost, on="cell") if len(points) and len(cost) else pd.DataFrame()
     if len(points):
         figure, axis = plt.subplots(figsize=(5, 4))
-        for extractor, group in points.groupby("extractor"):
-            axis.scatter(group["flops"].astype(float), group["value"].astype(float), label=extractor)
+        series = "extractor" if len(fid) else "label"
+        for name, group in points.groupby(series):
+            axis.scatter(group["flops"].astype(float), group["value"].astype(float), label=name)
+            for row in group.to_dict("records"):
+                axis.annotate(_short(row, axes), (row["flops"], row["value"]), fontsize=6)
         axis.set_xscale("log")
         axis.set_xlabel("training FLOPs per image")
-        axis.set_ylabel("FID (lower is better)")
+        axis.set_ylabel(
+            "FID (lower is better)" if len(fid) else "insertion detection rate (higher is better)"
+        )
         axis.legend(fontsize=7)
         axis.set_title("quality vs cost")
         figure.tight_layout()
