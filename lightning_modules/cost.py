@@ -33,11 +33,14 @@ METRICS_FILE = "metrics.json"
 
 
 def parameter_counts(module: nn.Module) -> dict[str, int]:
-    """Total and trainable parameters (a shared tensor is counted once)."""
+    """Total and trainable parameters (a shared tensor is counted once). A module that trains
+    only part of a tensor (textual inversion's new token rows) says how much with
+    `learned_parameter_count()`."""
     unique = {id(p): p for p in module.parameters()}.values()
+    learned = getattr(module, "learned_parameter_count", None)
     return {
         "total": sum(p.numel() for p in unique),
-        "trainable": sum(p.numel() for p in unique if p.requires_grad),
+        "trainable": learned() if learned else sum(p.numel() for p in unique if p.requires_grad),
     }
 
 

@@ -70,6 +70,11 @@ class TextualInversion(DiffusionModule):
         with torch.no_grad():
             embeddings[keep] = self.frozen_rows[keep].to(embeddings)
 
+    def learned_parameter_count(self) -> int:
+        """Only the placeholder's rows of the embedding matrix change (the others are restored
+        after every step), although the whole matrix is a trainable tensor."""
+        return len(self.placeholder_ids) * self.text_encoder.get_input_embeddings().weight.shape[1]
+
     def learned_embeddings(self) -> torch.Tensor:
         """The placeholder's vectors, [num_vectors, hidden]."""
         weight = self.text_encoder.get_input_embeddings().weight

@@ -8,6 +8,7 @@ from torch import nn
 
 from experiments.benchmarks.flops import text_encoder_flops, unet_flops
 from experiments.cli import main as medsd
+from lightning_modules import TextualInversion
 from lightning_modules.cost import count_flops, parameter_counts
 
 TINY = "experiments/configs/tiny"
@@ -82,3 +83,9 @@ def test_training_flops_follow_what_trains(runs):
     unet, lora = runs["unet"]["training"]["flops_per_image"], runs["lora"]["training"]["flops_per_image"]
     assert lora < unet
     assert runs["lora"]["parameters"]["trainable"] < runs["unet"]["parameters"]["trainable"] / 10
+
+
+def test_textual_inversion_counts_only_its_new_token_rows():
+    module = TextualInversion(placeholder_token="<x>", initializer_token="shape", num_vectors=3)
+    hidden = module.text_encoder.get_input_embeddings().weight.shape[1]
+    assert parameter_counts(module)["trainable"] == 3 * hidden
