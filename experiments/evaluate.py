@@ -191,12 +191,14 @@ def write_text_atomically(path: Path, text: str) -> None:
 
 
 def markdown_table(table: pd.DataFrame) -> list[str]:
+    """A DataFrame as markdown table lines: floats to 4 significant digits, NaN and None empty."""
+
     def cell(value) -> str:
         if isinstance(value, float):
             return "" if np.isnan(value) else f"{value:.4g}"
         return "" if value is None else str(value)
 
-    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
     return lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
 
 

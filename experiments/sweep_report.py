@@ -18,6 +18,7 @@ import pandas as pd
 
 from lightning_modules.export import write_atomically
 
+from .evaluate import markdown_table
 from .matrix import Matrix, slug
 
 # The run's cost fields carried into the summary: name -> (section, key) of its metrics.json "cost".
@@ -93,7 +94,7 @@ def write_report(matrix: Matrix, folders: list, out: Path) -> Path:
             long[column] = None
     write_atomically(out / "summary.csv", lambda tmp: long.to_csv(tmp, index=False))
     wide = headline(long)
-    table = markdown(wide)
+    table = "\n".join(markdown_table(wide))
     write_atomically(out / "summary.md", lambda tmp: tmp.write_text(table + "\n"))
     plots = write_plots(long, list(matrix.axes), out / "plots")
     states = long.drop_duplicates("cell")["state"].value_counts().to_dict()
@@ -112,18 +113,6 @@ def write_report(matrix: Matrix, folders: list, out: Path) -> Path:
     ]
     write_atomically(out / "report.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     return out / "report.md"
-
-
-def markdown(table: pd.DataFrame) -> str:
-    def cell(value) -> str:
-        if isinstance(value, float):
-            return "" if pd.isna(value) else f"{value:.4g}"
-        return "" if value is None else str(value)
-
-    header = "| " + " | ".join(map(str, table.columns)) + " |"
-    rule = "|" + "---|" * len(table.columns)
-    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
-    return "\n".join([header, rule, *body])
 
 
 def plotted(long: pd.DataFrame) -> pd.DataFrame:

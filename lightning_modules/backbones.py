@@ -169,6 +169,23 @@ def build_clip_tokenizer(max_length: int = 77) -> CLIPTokenizer:
     return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=max_length)
 
 
+def tiny_clip_text_config(tokenizer: CLIPTokenizer, **config) -> CLIPTextConfig:
+    """The tiny models' CLIP text encoder: 2 layers of width 32 over the real CLIP vocabulary, with
+    the tokenizer's special tokens; `config` adds or overrides settings (width, projection, ...)."""
+    settings = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextConfig(**{**settings, **config})
+
+
 def build_tiny_vae(latent_channels: int = 4, **config) -> AutoencoderKL:
     """The tiny models' VAE: 32 px images, 2x downsampling, widths 16 and 32 (random weights from
     the caller's RNG state); `config` adds family-specific settings (scaling and shift factors)."""
@@ -198,20 +215,8 @@ def build_tiny_backbone(seed: int = 0, sd2: bool = False) -> Backbone:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tokenizer = build_clip_tokenizer()
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=77,
-                hidden_act="gelu" if sd2 else "quick_gelu",
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
+        activation = "gelu" if sd2 else "quick_gelu"
+        text_encoder = CLIPTextModel(tiny_clip_text_config(tokenizer, hidden_act=activation))
         vae = build_tiny_vae()
         unet = UNet2DConditionModel(
             sample_size=16,

@@ -413,6 +413,18 @@ class DiffusionModule(L.LightningModule):
             self._empty_embedding = self.encode_prompts([""], unconditional=True)
         return self._empty_embedding
 
+    def pipeline_prompts(self, prompts: list[str]) -> dict:
+        """The validation pipeline's prompt arguments: this module's own conditioning (caption
+        template and learned tokens applied) against the empty prompt's."""
+        return {
+            "prompt_embeds": self.encode_prompts(prompts),
+            "negative_prompt_embeds": self.encode_prompts(prompts, unconditional=True),
+        }
+
+    def native_resolution(self, pipe) -> int:
+        """The image side the model generates by default."""
+        return self.unet.config.sample_size * pipe.vae_scale_factor
+
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
         """One image per (prompt, seed) as [N, 3, H, W] in [0, 1]; CPU generators, so the
@@ -420,15 +432,14 @@ class DiffusionModule(L.LightningModule):
         v = self.validation
         pipe = self.build_pipeline(v.sampler)
         pipe.set_progress_bar_config(disable=True)
-        size = v.resolution or self.unet.config.sample_size * pipe.vae_scale_factor
+        size = v.resolution or self.native_resolution(pipe)
         # The denoising loop runs in the Trainer's precision; decoding is done in fp32 (or the
         # VAE's bf16) by decode_latents, where the fp16 VAE's overflow cannot reach it.
         trainer = self._trainer
         precision = trainer.precision_plugin.forward_context() if trainer else nullcontext()
         with precision:
             latents = pipe(
-                prompt_embeds=self.encode_prompts(prompts),
-                negative_prompt_embeds=self.encode_prompts(prompts, unconditional=True),
+                **self.pipeline_prompts(prompts),
                 num_inference_steps=v.num_inference_steps,
                 guidance_scale=v.guidance_scale,
                 generator=[torch.Generator().manual_seed(s) for s in seeds],

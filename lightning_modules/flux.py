@@ -21,10 +21,8 @@ from typing import Literal, NamedTuple
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from transformers import (
-    CLIPTextConfig,
     CLIPTextModel,
     CLIPTokenizer,
     PreTrainedTokenizerBase,
@@ -33,8 +31,16 @@ from transformers import (
     T5TokenizerFast,
 )
 
-from .backbones import BackboneSpec, _not_found, build_clip_tokenizer, build_sampler, build_tiny_vae
+from .backbones import (
+    BackboneSpec,
+    _not_found,
+    build_clip_tokenizer,
+    build_sampler,
+    build_tiny_vae,
+    tiny_clip_text_config,
+)
 from .diffusion import DiffusionModule, cast_frozen_parameters
+from .lora import add_lora
 from .objectives import diffusion_loss, sample_noise
 from .prompts import PromptTokenizer
 
@@ -133,19 +139,7 @@ def build_tiny_flux(seed: int = 0) -> FluxParts:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tokenizer = build_clip_tokenizer()
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=width,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=77,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
+        text_encoder = CLIPTextModel(tiny_clip_text_config(tokenizer, hidden_size=width))
         tokenizer_2 = build_t5_tokenizer()
         text_encoder_2 = T5EncoderModel(
             T5Config(
@@ -324,15 +318,7 @@ class FluxLoRA(DiffusionModule):
         self.rank = rank
         self.flow_matching = flow_matching or FlowMatching()
         self.max_sequence_length = max_sequence_length
-        self.transformer.add_adapter(
-            LoraConfig(
-                r=rank,
-                lora_alpha=alpha if alpha is not None else rank,
-                lora_dropout=dropout,
-                init_lora_weights="gaussian",
-                target_modules=target_modules or FLUX_ATTENTION_PROJECTIONS,
-            )
-        )  # add_adapter makes only the adapter weights trainable
+        add_lora(self.transformer, rank, alpha, dropout, target_modules or FLUX_ATTENTION_PROJECTIONS)
         self.enable_gradient_checkpointing()
 
     def load_parts(self) -> None:

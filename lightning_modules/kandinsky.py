@@ -11,7 +11,6 @@ from config with random weights for tests and demos.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,19 +24,18 @@ from diffusers import (
     UNet2DConditionModel,
     VQModel,
 )
-from peft import LoraConfig
 from torch import nn
 from transformers import (
     CLIPImageProcessor,
-    CLIPTextConfig,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
 )
 
-from .backbones import BackboneSpec, _not_found, build_clip_tokenizer, build_sampler
+from .backbones import BackboneSpec, _not_found, build_clip_tokenizer, build_sampler, tiny_clip_text_config
 from .diffusion import HALF_PRECISIONS, DiffusionModule, cast_frozen_parameters
+from .lora import add_lora
 from .objectives import (
     diffusion_loss,
     drop_captions,
@@ -132,17 +130,8 @@ def build_tiny_kandinsky(seed: int = 0) -> KandinskyParts:
         torch.manual_seed(seed)
         tokenizer = build_clip_tokenizer()
         clip = dict(hidden_size=width, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-        text_encoder = CLIPTextModelWithProjection(
-            CLIPTextConfig(
-                **clip,
-                vocab_size=len(tokenizer),
-                projection_dim=width,
-                max_position_embeddings=77,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
+        text_config = tiny_clip_text_config(tokenizer, **clip, projection_dim=width)
+        text_encoder = CLIPTextModelWithProjection(text_config)
         image_encoder = CLIPVisionModelWithProjection(
             CLIPVisionConfig(**clip, image_size=32, patch_size=8, projection_dim=width)
         )
@@ -273,15 +262,8 @@ class KandinskyDecoderTuning(DiffusionModule):
         if lora_rank is None:
             self.unet.requires_grad_(True)
         else:
-            self.unet.add_adapter(
-                LoraConfig(
-                    r=lora_rank,
-                    lora_alpha=lora_alpha if lora_alpha is not None else lora_rank,
-                    lora_dropout=lora_dropout,
-                    init_lora_weights="gaussian",
-                    target_modules=lora_target_modules or DECODER_ATTENTION_PROJECTIONS,
-                )
-            )  # add_adapter makes only the adapter weights trainable
+            targets = lora_target_modules or DECODER_ATTENTION_PROJECTIONS
+            add_lora(self.unet, lora_rank, lora_alpha, lora_dropout, targets)
         self.enable_gradient_checkpointing()
 
     def load_parts(self) -> None:
@@ -400,26 +382,12 @@ class KandinskyDecoderTuning(DiffusionModule):
         )
         return combined_pipeline(parts, sampler)
 
-    @torch.no_grad()
-    def generate(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
-        """One image per (prompt, seed) as [N, 3, H, W] in [0, 1], through prior and decoder."""
-        v = self.validation
-        pipe = self.build_pipeline(v.sampler)
-        pipe.set_progress_bar_config(disable=True)
-        size = v.resolution or native_size(pipe)
-        trainer = self._trainer
-        precision = trainer.precision_plugin.forward_context() if trainer else nullcontext()
-        with precision:
-            latents = pipe(
-                prompts,
-                num_inference_steps=v.num_inference_steps,
-                guidance_scale=v.guidance_scale,
-                generator=[torch.Generator().manual_seed(s) for s in seeds],
-                height=size,
-                width=size,
-                output_type="latent",
-            ).images
-        return self.decode_latents(latents)
+    def pipeline_prompts(self, prompts: list[str]) -> dict:
+        """The prompt texts: the combined pipeline's prior turns them into image embeddings."""
+        return {"prompt": list(prompts)}
+
+    def native_resolution(self, pipe: KandinskyV22CombinedPipeline) -> int:
+        return native_size(pipe)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -436,7 +404,9 @@ class KandinskyDecoderTuning(DiffusionModule):
             self.unet.save_pretrained(folder / "unet", safe_serialization=True)
             return {**fields, "format": "diffusers-unet"}
         self.unet.save_lora_adapter(folder, weight_name=LORA_WEIGHTS)
-        return {**fields, "tuning": "lora", "format": "diffusers-lora", "rank": self.lora_rank}
+        # The decoder U-Net's own adapter file (`load_lora_adapter`): these pipelines have no
+        # `load_lora_weights`, so it is not a pipeline-level "diffusers-lora" export.
+        return {**fields, "tuning": "lora", "format": "diffusers-unet-lora", "rank": self.lora_rank}
 
     def _default_prior(self) -> str:
         return TINY_KANDINSKY if self.backbone_spec.name_or_path == TINY_KANDINSKY else KANDINSKY_PRIOR

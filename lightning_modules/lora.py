@@ -14,6 +14,20 @@ from .diffusion import DiffusionModule
 ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
+def add_lora(model, rank: int, alpha: float | None, dropout: float, target_modules: list[str]) -> None:
+    """Gaussian-initialised LoRA adapters (alpha defaults to the rank) on a diffusers model's
+    `target_modules`; `add_adapter` leaves only the adapter weights trainable."""
+    model.add_adapter(
+        LoraConfig(
+            r=rank,
+            lora_alpha=alpha if alpha is not None else rank,
+            lora_dropout=dropout,
+            init_lora_weights="gaussian",
+            target_modules=target_modules,
+        )
+    )
+
+
 class LoRAFineTuning(DiffusionModule):
     """Low-rank adapters on the U-Net; everything else frozen.
 
@@ -31,15 +45,7 @@ class LoRAFineTuning(DiffusionModule):
     ):
         super().__init__(**kwargs)  # backbone, objective, optimizer, ...: see DiffusionModule
         self.rank = rank
-        self.unet.add_adapter(
-            LoraConfig(
-                r=rank,
-                lora_alpha=alpha if alpha is not None else rank,
-                lora_dropout=dropout,
-                init_lora_weights="gaussian",
-                target_modules=target_modules or ATTENTION_PROJECTIONS,
-            )
-        )  # add_adapter makes only the adapter weights trainable
+        add_lora(self.unet, rank, alpha, dropout, target_modules or ATTENTION_PROJECTIONS)
         self.enable_gradient_checkpointing()
 
     def export(self, folder: Path) -> dict:

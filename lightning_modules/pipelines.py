@@ -45,7 +45,9 @@ from .textual_inversion import EMBEDDINGS_FILE
 log = logging.getLogger(__name__)
 
 # Strategies whose export is a diffusers LoRA file, loaded onto the base model by load_lora_weights.
-LORA_STRATEGIES = ("LoRAFineTuning", "SDXLLoRAFineTuning", "FluxLoRA")
+# Export formats (the manifest's `format`) applied to the base model the manifest names.
+LORA = "diffusers-lora"  # loaded by the pipeline's load_lora_weights
+TEXTUAL_INVERSION = "diffusers-textual-inversion"
 
 # Short names for the samplers papers use; any diffusers scheduler class name works too.
 SCHEDULERS = {
@@ -102,7 +104,7 @@ def load_pipeline(
     else:
         pipe = _from_export(resolved, manifest, base_model, dtype)
         # A LoRA export loads with the extra LoRAs, which gives every one its own adapter name.
-        loras = [resolved, *lora] if manifest.get("strategy") in LORA_STRATEGIES else list(lora)
+        loras = [resolved, *lora] if manifest.get("format") == LORA else list(lora)
     for path in textual_inversion:
         if isinstance(pipe, DomainTextPipeline):
             raise ValueError(
@@ -156,19 +158,20 @@ def tiny_pipeline(sd2: bool = False) -> StableDiffusionPipeline:
 
 
 def _from_export(folder: Path, manifest: dict, base_model: str | None, dtype: torch.dtype):
-    strategy = manifest.get("strategy")
+    """The pipeline an export describes: by its loader or family first, then by its format."""
+    kind = manifest.get("format")
     if manifest.get("loader") == DOMAIN_TEXT_LOADER:  # DomainTextEncoderFineTuning, CompactDiffusion
         return load_domain_text_pipeline(folder)
-    if strategy in ("FineTuning", "SDXLFineTuning", "CompactDiffusion"):  # a diffusers pipeline folder
-        return base_pipeline(str(folder), dtype=dtype)
-    if strategy == "KandinskyDecoderTuning":  # prior + decoder, with the decoder's weights applied
+    if manifest.get("strategy") == "KandinskyDecoderTuning":  # prior + decoder, decoder weights applied
         return pipeline_from_export(folder, manifest, base_model, dtype)
-    if strategy != "TextualInversion" and strategy not in LORA_STRATEGIES:
-        raise ValueError(f"{folder}: don't know how to sample from a {strategy} export")
+    if kind == "diffusers-pipeline":  # a complete pipeline folder (SD, SDXL, compact with CLIP)
+        return base_pipeline(str(folder), dtype=dtype)
+    if kind not in (LORA, TEXTUAL_INVERSION):
+        raise ValueError(f"{folder}: don't know how to sample from a {manifest.get('strategy')} export")
     # The manifest's revision belongs to the manifest's base model, not to an override.
     revision = None if base_model else manifest.get("base_revision")
     pipe = base_pipeline(base_model or manifest["base_model"], revision, dtype)
-    if strategy == "TextualInversion":
+    if kind == TEXTUAL_INVERSION:
         pipe.load_textual_inversion(str(folder / EMBEDDINGS_FILE))
     return pipe  # a LoRA export's weights are loaded by load_pipeline
 

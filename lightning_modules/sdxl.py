@@ -26,7 +26,6 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from torch import nn
 from transformers import (
-    CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
@@ -40,6 +39,7 @@ from .backbones import (
     build_clip_tokenizer,
     build_sampler,
     build_tiny_vae,
+    tiny_clip_text_config,
 )
 from .diffusion import HALF_PRECISIONS, cast_frozen_parameters
 from .fine_tuning import FineTuning
@@ -98,21 +98,9 @@ def build_tiny_sdxl(seed: int = 0) -> SDXLParts:
         torch.manual_seed(seed)
         tokenizer, tokenizer_2 = build_clip_tokenizer(), build_clip_tokenizer()
         tokenizer_2.pad_token = "!"
-        text = dict(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        text_encoder = CLIPTextModel(CLIPTextConfig(**text, pad_token_id=tokenizer.pad_token_id))
+        text_encoder = CLIPTextModel(tiny_clip_text_config(tokenizer))
         text_encoder_2 = CLIPTextModelWithProjection(
-            CLIPTextConfig(
-                **text, pad_token_id=tokenizer_2.pad_token_id, projection_dim=32, hidden_act="gelu"
-            )
+            tiny_clip_text_config(tokenizer_2, projection_dim=32, hidden_act="gelu")
         )
         vae = build_tiny_vae()
         unet = UNet2DConditionModel(
@@ -209,26 +197,14 @@ class SDXLMixin:
     def build_pipeline(self, sampler: str | None = None) -> StableDiffusionXLPipeline:
         return sdxl_pipeline(self, build_sampler(self.sampler_config, sampler))
 
-    @torch.no_grad()
-    def generate(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
-        v = self.validation
-        pipe = self.build_pipeline(v.sampler)
-        pipe.set_progress_bar_config(disable=True)
-        size = v.resolution or self.unet.config.sample_size * self.vae_scale_factor
+    def pipeline_prompts(self, prompts: list[str]) -> dict:
         positive, negative = self.encode_prompts(prompts), self.encode_prompts(prompts, unconditional=True)
-        latents = pipe(
-            prompt_embeds=positive["prompt_embeds"],
-            pooled_prompt_embeds=positive["pooled"],
-            negative_prompt_embeds=negative["prompt_embeds"],
-            negative_pooled_prompt_embeds=negative["pooled"],
-            num_inference_steps=v.num_inference_steps,
-            guidance_scale=v.guidance_scale,
-            generator=[torch.Generator().manual_seed(s) for s in seeds],
-            height=size,
-            width=size,
-            output_type="latent",
-        ).images
-        return self.decode_latents(latents)
+        return {
+            "prompt_embeds": positive["prompt_embeds"],
+            "pooled_prompt_embeds": positive["pooled"],
+            "negative_prompt_embeds": negative["prompt_embeds"],
+            "negative_pooled_prompt_embeds": negative["pooled"],
+        }
 
 
 class SDXLFineTuning(SDXLMixin, FineTuning):

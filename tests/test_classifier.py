@@ -38,14 +38,7 @@ EFFUSION = "Pleural Effusion"
 TINY = ClassifierSettings(arch="tiny", image_size=64, epochs=10, lr=1e-3, batch_size=32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a 2-core machine shared with other jobs, two threads contending
-    with another process make small convolutions ten times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

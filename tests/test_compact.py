@@ -23,13 +23,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "tin
 TEXT_MODELS = [TINY_CLIP, TINY_BERT]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fit(config: str, root: Path, *overrides: str) -> MedsdCLI:

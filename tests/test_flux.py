@@ -31,13 +31,7 @@ CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "tiny
 PROMPTS = ["a bright circle on the left", "a bright square on the right"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -34,14 +34,7 @@ KINDS = ["unet", "lora", "textual_inversion", "domain_text_encoder"]
 PROMPTS = ["a bright circle on the left", "a bright square on the right"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the thread
-    pool's waiting made this module several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
