@@ -74,9 +74,13 @@ class ImageTextCollate:
         prompts = [e["prompt"] for e in examples]
         batch: dict[str, Any] = {"prompts": prompts}
         # Images, or what a prepared cache holds in their place (latents, text embeddings).
-        for key in ("pixel_values", "latent_mean", "latent_std", "prompt_embeds"):
+        for key in ("pixel_values", "latent_mean", "latent_std"):
             if key in examples[0]:
                 batch[key] = torch.stack([e[key] for e in examples])
+        if "text" in examples[0]:
+            batch["text"] = {
+                name: torch.stack([e["text"][name] for e in examples]) for name in examples[0]["text"]
+            }
         if "labels" in examples[0]:
             batch["label_names"], batch["labels"] = stack_labels([e["labels"] for e in examples])
         if self.tokenizer is not None:

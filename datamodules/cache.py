@@ -8,7 +8,9 @@ DataModule with `cache_dir` serves them instead. Layout of a cache folder:
     <split>/images/00000000.png     the transformed image (uint8, exactly the training size)
     <split>/latent_mean.npy         VAE posterior mean and std [N, C, h, w]: training still
     <split>/latent_std.npy          draws a fresh latent sample every epoch, as without a cache
-    <split>/prompt_embeds.npy       text encoder output [N, L, D], only for a frozen text encoder
+    <split>/text.<name>.npy         text conditioning, only for frozen text encoders: one array
+                                    (prompt_embeds [N, L, D]) or several (SDXL, FLUX: token
+                                    states and a pooled vector [N, D])
 
 The arrays are memory-mapped, so workers read only the rows they serve. `cache.json` is written
 last and the folder appears whole (see `atomic_directory`), so a half-written cache is never read.
@@ -29,7 +31,8 @@ from torch.utils.data import Dataset
 from .base import Record, with_labels
 
 MANIFEST = "cache.json"
-VERSION = 1
+TEXT = "text."  # file-name prefix of the text conditioning's arrays
+VERSION = 2  # 2: text conditioning as named arrays (was one prompt_embeds array)
 
 
 class CacheMismatchError(ValueError):
@@ -99,18 +102,17 @@ class PreparedCache:
                 f"{where} was prepared from {entry['n']} '{split}' records that differ from this run's "
                 f"{len(records)} (data or its filters changed): prepare it again"
             )
-        return CachedDataset(self.root / split, records, entry["latents"], entry["prompt_embeds"])
+        return CachedDataset(self.root / split, records, entry["latents"], entry["text"])
 
 
 class CachedDataset(Dataset):
-    """Examples from a cache: latents in place of images when cached, else the resized images."""
+    """Examples from a cache: latents in place of images when cached, else the resized images,
+    and the text conditioning's arrays under `text` when cached."""
 
-    def __init__(self, split_dir: Path, records: list[Record], latents: bool, prompt_embeds: bool):
+    def __init__(self, split_dir: Path, records: list[Record], latents: bool, text: list[str]):
         self.split_dir = split_dir
         self.records = records
-        self.names = (["latent_mean", "latent_std"] if latents else []) + (
-            ["prompt_embeds"] if prompt_embeds else []
-        )
+        self.names = (["latent_mean", "latent_std"] if latents else []) + [f"{TEXT}{n}" for n in text]
         self._arrays: dict[str, np.ndarray] | None = None  # opened in each worker, not pickled
 
     def __len__(self) -> int:
@@ -121,7 +123,11 @@ class CachedDataset(Dataset):
             self._arrays = {n: np.load(self.split_dir / f"{n}.npy", mmap_mode="r") for n in self.names}
         example: dict[str, Any] = {"prompt": self.records[index].prompt}
         for name, array in self._arrays.items():
-            example[name] = torch.from_numpy(np.array(array[index], dtype=np.float32))
+            row = torch.from_numpy(np.array(array[index], dtype=np.float32))
+            if name.startswith(TEXT):
+                example.setdefault("text", {})[name.removeprefix(TEXT)] = row
+            else:
+                example[name] = row
         if "latent_mean" not in example:
             example["pixel_values"] = png_to_tensor(image_path(self.split_dir, index))
         return with_labels(example, self.records[index])
@@ -150,13 +156,23 @@ class CacheWriter:
             "n": len(records),
             "fingerprint": records_fingerprint(records),
             "latents": False,
-            "prompt_embeds": False,
+            "text": [],
         }
 
-    def write(self, start: int, pixels: torch.Tensor, **arrays: torch.Tensor) -> None:
-        """Rows `start .. start + len(pixels)`: images, and any of latent_mean, latent_std, prompt_embeds."""
+    def write(
+        self,
+        start: int,
+        pixels: torch.Tensor,
+        latents: tuple[torch.Tensor, torch.Tensor] | None = None,
+        text: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Rows `start .. start + len(pixels)`: images, and the latent posterior (mean, std) and
+        the text conditioning's named arrays when given."""
         for i, image in enumerate(pixels):
             tensor_to_png(image).save(image_path(self.root / self.split, start + i))
+        arrays = dict(zip(("latent_mean", "latent_std"), latents or (), strict=False))
+        arrays.update({f"{TEXT}{name}": values for name, values in (text or {}).items()})
+        entry = self.manifest["splits"][self.split]
         for name, values in arrays.items():
             if name not in self._arrays:
                 self._arrays[name] = np.lib.format.open_memmap(
@@ -165,8 +181,10 @@ class CacheWriter:
                     dtype=self.dtype,
                     shape=(self.n, *values.shape[1:]),
                 )
-                key = "prompt_embeds" if name == "prompt_embeds" else "latents"
-                self.manifest["splits"][self.split][key] = True
+                if name.startswith(TEXT):
+                    entry["text"].append(name.removeprefix(TEXT))
+                else:
+                    entry["latents"] = True
             self._arrays[name][start : start + len(values)] = values.float().cpu().numpy()
 
     def finish(self) -> None:

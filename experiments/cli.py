@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import sys
 import warnings
 from contextlib import contextmanager
@@ -147,8 +148,22 @@ COMMANDS = {
 }
 
 
+# The project's packages, whose INFO messages (exports written, metrics skipped and why, sampler
+# and template choices) a user of the command should see.
+PACKAGES = ("lightning_modules", "datamodules", "experiments", "evaluation")
+
+
+def show_project_logs() -> None:
+    """medsd's own INFO messages on stderr; other libraries keep their default (warnings)."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    for package in PACKAGES:
+        logging.getLogger(package).setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> None:
     """`medsd fit|validate|test` (LightningCLI) and medsd's own `prepare`, `inspect-data`, `phantoms`."""
+    show_project_logs()
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] in COMMANDS:
         importlib.import_module(COMMANDS[args[0]]).main(args[1:])

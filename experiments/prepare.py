@@ -21,6 +21,7 @@ from tqdm import tqdm
 from datamodules.base import SPLITS, ImageTextCollate, ImageTextDataModule, ImageTextDataset
 from datamodules.cache import CacheWriter
 from lightning_modules import DiffusionModule
+from lightning_modules.conditioning import as_arrays
 from lightning_modules.export import atomic_directory
 
 log = logging.getLogger(__name__)
@@ -55,11 +56,10 @@ def prepare_cache(
             start = 0
             for batch in tqdm(loader, desc=f"prepare {split}", unit="batch"):
                 pixels = batch["pixel_values"]
-                mean, std = module.latent_posterior(pixels)
-                arrays = {"latent_mean": mean, "latent_std": std}
+                text = None
                 if identity["text"] is not None:
-                    arrays["prompt_embeds"] = module.encode_prompts(batch["prompts"])
-                writer.write(start, pixels, **arrays)
+                    text = as_arrays(module.encode_prompts(batch["prompts"]))
+                writer.write(start, pixels, module.latent_posterior(pixels), text)
                 start += len(pixels)
         writer.finish()
         manifest = writer.manifest

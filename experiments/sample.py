@@ -33,6 +33,12 @@ single process with the same arguments) to finish the missing images and write t
 
 The papers' samplers: `--preset roentgen` (PNDM, 75 steps, guidance 4) and
 `--preset prompt-to-polyp` (DDIM, 150 steps, guidance 3.5); explicit flags override a preset.
+A preset's sampler is a DDPM one, for models trained on a DDPM noise schedule (epsilon or
+v-prediction): a flow-matching model (FLUX) keeps its own sampler and takes the preset's steps and
+guidance, while a `--scheduler` it cannot run is refused before anything is written.
+
+Prompts are written into `--prompt-template`; by default, into the caption template a
+textual-inversion export records (the one its token was trained in), else used as they are.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ import logging
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -55,7 +61,16 @@ from tqdm import tqdm
 
 from datamodules.base import SPLITS, Record
 from lightning_modules.export import write_atomically
-from lightning_modules.pipelines import export_manifest, load_pipeline, render, resolve_source
+from lightning_modules.pipelines import (
+    IncompatibleSamplerError,
+    export_manifest,
+    is_flow_matching,
+    load_pipeline,
+    model_sampler,
+    render,
+    resolve_source,
+    swapped_sampler,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +113,12 @@ class Item:
 
 @dataclass
 class Settings:
-    """What the images depend on (not where or how fast they are computed)."""
+    """What the images depend on (not where or how fast they are computed).
+
+    scheduler: None samples with the model's own sampler.
+    prompt_template: None takes the caption template the export records (textual inversion), else
+        '{prompt}'; `sample` records the template it used.
+    """
 
     source: str
     per_prompt: int = 1
@@ -109,7 +129,7 @@ class Settings:
     height: int | None = None
     width: int | None = None
     dtype: str = "float32"
-    prompt_template: str = "{prompt}"
+    prompt_template: str | None = None
     base_model: str | None = None
     textual_inversion: list[str] = field(default_factory=list)
     lora: list[str] = field(default_factory=list)
@@ -247,9 +267,58 @@ def apply_template(template: str, text: str) -> str:
     return template.replace("{prompt}", text)
 
 
+def with_export_template(settings: Settings) -> Settings:
+    """The settings with their prompt template resolved. A textual-inversion export records the
+    caption template its token was trained in, and its prompts only work written into it: that
+    is the default, and an explicit template that replaces it is logged."""
+    recorded = (export_manifest(resolve_source(settings.source)) or {}).get("prompt_template")
+    if settings.prompt_template is None:
+        if recorded is not None:
+            log.info("prompts are written into %r, the export's training caption template", recorded)
+        return replace(settings, prompt_template=recorded or "{prompt}")
+    if recorded is not None and settings.prompt_template != recorded:
+        log.info(
+            "--prompt-template %r replaces %r, the export's training caption template",
+            settings.prompt_template,
+            recorded,
+        )
+    return settings
+
+
+def fit_sampler(settings: Settings, preset: str | None = None) -> Settings:
+    """The settings with a sampler the model can run, checked before anything is written.
+
+    A preset's sampler (PNDM, DDIM) is a DDPM one, made for models trained on a DDPM noise
+    schedule (epsilon or v-prediction). A model that cannot run it (a flow-matching one: FLUX)
+    keeps its own sampler, with the preset's steps and guidance, and `scheduler` None records
+    that. A sampler asked for by name (`preset` None) that the model cannot run is refused with
+    an IncompatibleSamplerError (a ValueError) saying why.
+    """
+    if settings.scheduler is None:
+        return settings
+    sampler = model_sampler(settings.source, settings.base_model)
+    try:
+        swapped_sampler(sampler, settings.scheduler)
+    except IncompatibleSamplerError:
+        if preset is None:
+            raise
+        log.info(
+            "--preset %s: the model keeps its own sampler, %s%s, instead of the preset's %s, a DDPM "
+            "sampler for epsilon / v-prediction models; sampling with %d steps, guidance %g",
+            preset,
+            type(sampler).__name__,
+            " (flow matching)" if is_flow_matching(sampler) else "",
+            settings.scheduler,
+            settings.steps,
+            settings.guidance,
+        )
+        return replace(settings, scheduler=None)
+    return settings
+
+
 def warn_if_placeholder_unused(recorded: dict, texts: list[str]) -> None:
-    """A textual-inversion export only acts where its token is in the prompt; dataset prompts
-    lack it unless --prompt-template adds it, as the training's caption template did."""
+    """A textual-inversion export only acts where its token is in the prompt; prompts lack it
+    when neither they nor the template (the export's caption template by default) carry it."""
     export = recorded["export"] or {}
     token = export.get("token")
     if export.get("strategy") == "TextualInversion" and not any(token in t for t in texts):
@@ -277,6 +346,7 @@ def sample(
         raise ValueError(
             f"per_prompt and batch_size must be at least 1, got {settings.per_prompt}, {batch_size}"
         )
+    settings = fit_sampler(with_export_template(settings))
     if "{prompt}" not in settings.prompt_template:
         raise ValueError(f"--prompt-template must contain {{prompt}}, got {settings.prompt_template!r}")
     out = Path(out)
@@ -395,7 +465,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--guidance", type=float, help=f"guidance scale (default {DEFAULTS['guidance']})")
     parser.add_argument("--height", type=int, help="default: the model's native size")
     parser.add_argument("--width", type=int, help="default: the model's native size")
-    parser.add_argument("--prompt-template", default="{prompt}", help="e.g. '<token> {prompt}'")
+    parser.add_argument(
+        "--prompt-template",
+        help="e.g. '<token> {prompt}' (default: a textual-inversion export's training caption "
+        "template, else '{prompt}')",
+    )
     parser.add_argument("--base-model", help="base for a textual-inversion / LoRA export")
     parser.add_argument("--textual-inversion", action="append", default=[], help="extra embeddings")
     parser.add_argument("--lora", action="append", default=[], help="extra LoRA weights")
@@ -444,6 +518,8 @@ def main(argv: list[str]) -> None:
         lora=args.lora,
         **sampler_settings(args),
     )
+    # A flag names a sampler the user wants; a preset's stands for the papers' models (DDPM ones).
+    settings = fit_sampler(settings, preset=args.preset if args.scheduler is None else None)
     try:
         done = sample(
             args.out,

@@ -1,5 +1,6 @@
 """Fine-tuning strategies as LightningModules, and the parts they share."""
 
+from . import _library_logs  # noqa: F401  (first: it quiets a library before peft imports it)
 from .backbones import (
     TINY_BERT,
     TINY_SD,

@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .export import write_atomically
+from .sharding import is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +53,15 @@ def count_flops(run) -> int:
 
 
 def first_example(batch: dict) -> dict:
-    """A batch cut down to its first example (tensors and lists alike)."""
-    return {
-        key: value[:1] if isinstance(value, torch.Tensor | list) else value for key, value in batch.items()
-    }
+    """A batch cut down to its first example (tensors and lists alike, also inside nested dicts
+    such as a prepared cache's text conditioning)."""
+
+    def cut(value):
+        if isinstance(value, dict):
+            return first_example(value)
+        return value[:1] if isinstance(value, torch.Tensor | list) else value
+
+    return {key: cut(value) for key, value in batch.items()}
 
 
 class CostAccounting(L.Callback):
@@ -126,6 +132,11 @@ class CostAccounting(L.Callback):
         counts: dict = {}
         step = getattr(pl_module, "loss_of_batch", None)  # the modules' hook for this count
         if step is None:
+            return counts
+        if is_sharded(trainer):
+            # Outside FSDP's forward the weights are 1/N shards; the counts do not depend on
+            # sharding, so a one-GPU run of the same config gives them.
+            log.info("FLOPs are not counted under FSDP: count them on a one-device run of this config")
             return counts
         batch = next(iter(trainer.train_dataloader))
         batch = trainer.strategy.batch_to_device(first_example(batch), pl_module.device)

@@ -24,6 +24,7 @@ from torch import nn
 from datamodules.cache import CacheMismatchError, PreparedCache
 
 from .backbones import BackboneSpec, build_sampler, load_backbone
+from .conditioning import Conditioning, as_arrays, concat_rows, from_arrays, repeat_rows
 from .export import atomic_directory, write_manifest
 from .objectives import (
     diffusion_loss,
@@ -35,6 +36,7 @@ from .objectives import (
 )
 from .prompts import PromptTokenizer
 from .settings import Objective, Optimizer, Validation
+from .sharding import check_sharding_settings, is_sharded, unwrapped_name
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +67,16 @@ def adamw_with_schedule(module: L.LightningModule, groups: list[dict], settings:
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ValueError(f"{type(module).__name__} has nothing to train with these settings")
-    fused = settings.fused if settings.fused is not None else module.device.type == "cuda"
-    optimizer = torch.optim.AdamW(
-        groups,
-        lr=settings.lr,
-        betas=tuple(settings.betas),
-        eps=settings.eps,
-        weight_decay=settings.weight_decay,
-        fused=fused,
+    hyper = dict(
+        lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps, weight_decay=settings.weight_decay
     )
+    if settings.kind == "adamw8bit":
+        import bitsandbytes  # imported here: loading its native kernels takes a while
+
+        optimizer = bitsandbytes.optim.AdamW8bit(groups, **hyper)
+    else:
+        fused = settings.fused if settings.fused is not None else module.device.type == "cuda"
+        optimizer = torch.optim.AdamW(groups, **hyper, fused=fused)
     schedule = get_scheduler(
         settings.schedule,
         optimizer,
@@ -121,7 +124,10 @@ class DiffusionModule(L.LightningModule):
         self.ema: EMAModel | None = None
         self._vae_dtype = torch.float32
         self._cached_text = False  # set in setup() when a prepared cache's embeddings fit this run
-        self._empty_embedding: torch.Tensor | None = None
+        self._empty_embedding: Conditioning | None = None
+        # Validation prompts' conditioning, kept when the text encoders leave the GPU.
+        self._kept_text: dict[str, Conditioning] = {}
+        self._validation_images: torch.Tensor | None = None
 
     # --- what strategies define ---------------------------------------------------------
 
@@ -144,7 +150,11 @@ class DiffusionModule(L.LightningModule):
         """Optimiser parameter groups; a group may carry its own `lr`."""
         return [{"params": trainable_parameters(self)}]
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def text_encoders(self) -> list[nn.Module]:
+        """The modules between a prompt and the conditioning: what a prepared cache replaces."""
+        return [self.text_encoder]
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Conditioning:
         """Token ids -> the U-Net's cross-attention conditioning [B, L, D]."""
         return self.text_encoder(input_ids)[0]
 
@@ -183,6 +193,8 @@ class DiffusionModule(L.LightningModule):
             datamodule.tokenizer = self.prompt_tokenizer  # tokenise in the DataLoader workers
         if getattr(datamodule, "cache_dir", None):
             self._check_cache(PreparedCache(datamodule.cache_dir))
+        if is_sharded(self.trainer):
+            check_sharding_settings(self, str(self.trainer.precision))
         if self.ema_decay is not None and self.ema is None:
             self.ema = EMAModel(trainable_parameters(self), decay=self.ema_decay)
 
@@ -207,7 +219,11 @@ class DiffusionModule(L.LightningModule):
                 f"precision '{precision}' would store the trainable weights in half precision; "
                 "use bf16-mixed or 16-mixed (frozen parts then run in half precision on GPU)"
             )
-        if self.device.type == "cuda" and precision in HALF_PRECISIONS:
+        if is_sharded(self.trainer):
+            # FSDP keeps every weight in fp32 shards and gathers them in the compute precision,
+            # the VAE's included, whose inputs must then match it (VAE calls run outside autocast).
+            self._vae_dtype = HALF_PRECISIONS.get(precision, torch.float32)
+        elif self.device.type == "cuda" and precision in HALF_PRECISIONS:
             # The fp16 VAE overflows into NaNs (black images), so under 16-mixed it stays fp32.
             if precision == "bf16-mixed":
                 self._vae_dtype = torch.bfloat16
@@ -219,12 +235,24 @@ class DiffusionModule(L.LightningModule):
             cast_frozen_parameters(self.vae, self._vae_dtype)
         if self.ema is not None:
             self.ema.to(self.device)
-        if self._cached_text:
-            # The prepared cache holds every training prompt's embedding; the frozen text encoder
-            # is only needed for the empty prompt (computed once, here) and the validation
-            # prompts, so it leaves the GPU for the rest of the fit.
-            self.empty_prompt_embedding()
-            self.text_encoder.to("cpu")
+        if self._cached_text and not is_sharded(self.trainer):
+            # (Sharded encoders hold 1/N of their weights and run only inside FSDP's forward.)
+            self.release_text_encoders()
+
+    def release_text_encoders(self) -> None:
+        """Move the frozen text encoders off the GPU for the rest of the fit.
+
+        The prepared cache holds every training prompt's conditioning; the encoders are otherwise
+        needed only for the empty prompt and the validation prompts, encoded once here.
+        """
+        self.empty_prompt_embedding()
+        prompts = list(dict.fromkeys(self.validation.prompts))
+        if prompts:
+            encoded = as_arrays(self.encode_prompts(prompts))
+            for i, prompt in enumerate(prompts):
+                self._kept_text[prompt] = from_arrays({k: v[i : i + 1] for k, v in encoded.items()})
+        for encoder in self.text_encoders():
+            encoder.to("cpu")
 
     # --- loss ---------------------------------------------------------------------------
 
@@ -252,7 +280,7 @@ class DiffusionModule(L.LightningModule):
 
     def text_conditioning_is_frozen(self) -> bool:
         """True when nothing between the prompt and the U-Net trains, so text embeddings can be cached."""
-        return not any(p.requires_grad for p in self.text_encoder.parameters())
+        return not any(p.requires_grad for encoder in self.text_encoders() for p in encoder.parameters())
 
     def cache_identity(self) -> dict:
         """What a prepared cache's latents and text embeddings must come from to be reused here."""
@@ -269,12 +297,11 @@ class DiffusionModule(L.LightningModule):
 
     def batch_conditioning(
         self, batch: dict, generator: torch.Generator | None, caption_dropout: float
-    ) -> torch.Tensor:
-        if "prompt_embeds" in batch and self._cached_text:
-            embeds = batch["prompt_embeds"]
+    ) -> Conditioning:
+        if "text" in batch and self._cached_text:
+            embeds = from_arrays(batch["text"])
             if caption_dropout > 0:
-                uncond = self.empty_prompt_embedding()
-                embeds = drop_captions(embeds, uncond.to(embeds), caption_dropout, generator)
+                embeds = drop_captions(embeds, self.empty_prompt_embedding(), caption_dropout, generator)
             return embeds
         if "input_ids" not in batch:
             raise KeyError(
@@ -335,7 +362,11 @@ class DiffusionModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["prompts"]))
         return loss
 
-    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        if batch_idx == 0 and dataloader_idx == 0:
+            # Rendered here rather than at the epoch's end: inside a step, FSDP has gathered the
+            # weights outside its units (a no-op without FSDP).
+            self._validation_images = self.render_validation_prompts()
         return self._evaluation_loss(batch, batch_idx, "val")
 
     def test_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -360,7 +391,7 @@ class DiffusionModule(L.LightningModule):
             self.ema.step(trainable_parameters(self))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        trainable = {unwrapped_name(name) for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
@@ -399,16 +430,26 @@ class DiffusionModule(L.LightningModule):
         )
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str], unconditional: bool = False) -> torch.Tensor:
+    def encode_prompts(self, prompts: list[str], unconditional: bool = False) -> Conditioning:
+        """Prompt texts (caption template applied) or, if `unconditional`, as many empty prompts ->
+        the conditioning, on this module's device."""
         tokenizer = self.prompt_tokenizer
         tokens = tokenizer.unconditional(len(prompts)) if unconditional else tokenizer(prompts)
         device = next(self.text_encoder.parameters()).device  # the CPU once a cache replaced it
         embeds = self.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
-        return embeds if device == self.device else embeds.to(self.device)
+        return from_arrays({k: v.to(self.device) for k, v in as_arrays(embeds).items()})
 
-    def empty_prompt_embedding(self) -> torch.Tensor:
-        """The empty prompt's embedding [1, L, D], computed once: it is constant while the text
-        conditioning is frozen, which is when prepared embeddings (and this) are used."""
+    def prompt_conditioning(self, prompts: list[str], unconditional: bool = False) -> Conditioning:
+        """`encode_prompts`, served from what `release_text_encoders` kept where it can be."""
+        if unconditional and self._empty_embedding is not None:
+            return repeat_rows(self._empty_embedding, len(prompts))
+        if not unconditional and prompts and all(p in self._kept_text for p in prompts):
+            return concat_rows([self._kept_text[p] for p in prompts])
+        return self.encode_prompts(prompts, unconditional)
+
+    def empty_prompt_embedding(self) -> Conditioning:
+        """The empty prompt's conditioning (batch of one), computed once: it is constant while the
+        text conditioning is frozen, which is when prepared embeddings (and this) are used."""
         if self._empty_embedding is None:
             self._empty_embedding = self.encode_prompts([""], unconditional=True)
         return self._empty_embedding
@@ -417,8 +458,8 @@ class DiffusionModule(L.LightningModule):
         """The validation pipeline's prompt arguments: this module's own conditioning (caption
         template and learned tokens applied) against the empty prompt's."""
         return {
-            "prompt_embeds": self.encode_prompts(prompts),
-            "negative_prompt_embeds": self.encode_prompts(prompts, unconditional=True),
+            "prompt_embeds": self.prompt_conditioning(prompts),
+            "negative_prompt_embeds": self.prompt_conditioning(prompts, unconditional=True),
         }
 
     def native_resolution(self, pipe) -> int:
@@ -456,19 +497,26 @@ class DiffusionModule(L.LightningModule):
     def on_validation_end(self) -> None:
         self._ema_swap.__exit__(None, None, None)
 
-    def on_validation_epoch_end(self) -> None:
-        """Render the validation prompts into an image grid.
+    def render_validation_prompts(self) -> torch.Tensor | None:
+        """This rank's share of the validation prompts as images (None without prompts).
 
-        Every rank renders its share of the prompts and all ranks take part in the same
-        all_gather, so no rank waits on a collective another rank never reaches.
+        Every rank renders the same number of images, so all take part in the same collectives.
         """
         prompts = self.validation.prompts
         if not prompts:
-            return
+            return None
         world, rank = self.trainer.world_size, self.trainer.global_rank
         per_rank = math.ceil(len(prompts) / world)
         indices = [min(rank * per_rank + i, len(prompts) - 1) for i in range(per_rank)]
-        images = self.generate([prompts[i] for i in indices], [self.validation.seed + i for i in indices])
+        return self.generate([prompts[i] for i in indices], [self.validation.seed + i for i in indices])
+
+    def on_validation_epoch_end(self) -> None:
+        """Gather the rendered validation images into one grid for TensorBoard."""
+        images, self._validation_images = self._validation_images, None
+        if images is None:
+            return
+        prompts = self.validation.prompts
+        world = self.trainer.world_size
         gathered = self.all_gather(images)
         if world > 1:
             gathered = gathered.flatten(0, 1)
@@ -483,18 +531,39 @@ class DiffusionModule(L.LightningModule):
 
     def on_fit_end(self) -> None:
         """Every fit ends with an export under `<default_root_dir>/export` (rank 0 writes)."""
-        if self.trainer.is_global_zero:
-            folder = Path(self.trainer.default_root_dir) / "export"
-            with self.use_ema_weights(), atomic_directory(folder) as scratch:
-                extra = self.export(scratch)
-                write_manifest(
-                    scratch,
-                    **extra,
-                    strategy=type(self).__name__,
-                    base_model=self.backbone_spec.name_or_path,
-                    base_revision=self.backbone_spec.revision,
-                    global_step=self.global_step,
-                    ema=self.ema is not None,
-                )
-            log.info("exported %s to %s", type(self).__name__, folder)
+        folder = Path(self.trainer.default_root_dir) / "export"
+        if is_sharded(self.trainer):
+            # Each rank holds 1/N of the weights: gather the trained ones onto rank 0 (a
+            # collective, so every rank calls it) and export from an unsharded copy.
+            state = self.trainer.strategy.lightning_module_state_dict()
+            if self.trainer.is_global_zero:
+                self.unsharded_copy(state).write_export(folder, self.global_step)
+        elif self.trainer.is_global_zero:
+            self.write_export(folder, self.global_step)
         self.trainer.strategy.barrier("medsd-export")
+
+    def write_export(self, folder: Path, global_step: int) -> None:
+        """The export (EMA weights if kept) and its manifest, written whole into `folder`."""
+        with self.use_ema_weights(), atomic_directory(folder) as scratch:
+            extra = self.export(scratch)
+            write_manifest(
+                scratch,
+                **extra,
+                strategy=type(self).__name__,
+                base_model=self.backbone_spec.name_or_path,
+                base_revision=self.backbone_spec.revision,
+                global_step=global_step,
+                ema=self.ema is not None,
+            )
+        log.info("exported %s to %s", type(self).__name__, folder)
+
+    def unsharded_copy(self, state_dict: dict[str, torch.Tensor]) -> DiffusionModule:
+        """This strategy built again from its hyperparameters (the backbone reloaded, on the CPU),
+        with the trained weights of `state_dict`, a full state dict of this module."""
+        trainable = {unwrapped_name(name) for name, p in self.named_parameters() if p.requires_grad}
+        missing = trainable - state_dict.keys()
+        if missing:
+            raise KeyError(f"the gathered state dict lacks trained weights, e.g. {sorted(missing)[:3]}")
+        copy = type(self)(**self.hparams)
+        copy.load_state_dict({k: v for k, v in state_dict.items() if k in trainable}, strict=False)
+        return copy.eval()

@@ -17,7 +17,7 @@ import string
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
@@ -41,8 +41,9 @@ from .backbones import (
 )
 from .diffusion import DiffusionModule, cast_frozen_parameters
 from .lora import add_lora
-from .objectives import diffusion_loss, sample_noise
+from .objectives import diffusion_loss, drop_captions, sample_noise
 from .prompts import PromptTokenizer
+from .sharding import is_sharded
 
 TINY_FLUX = "medsd/tiny-flux"
 
@@ -266,14 +267,6 @@ class FlowMatching:
         raise ValueError(f"sigma_sampling must be 'uniform' or 'logit_normal', got {self.sigma_sampling!r}")
 
 
-class FluxText(NamedTuple):
-    """FLUX's text conditioning: T5's token sequence, CLIP's pooled vector and the text position ids."""
-
-    sequence: torch.Tensor
-    pooled: torch.Tensor
-    ids: torch.Tensor
-
-
 # --- the strategy ---------------------------------------------------------------------------
 
 
@@ -342,11 +335,8 @@ class FluxLoRA(DiffusionModule):
         the prompt texts with both tokenizers, exactly as FluxPipeline does when sampling."""
         return PromptTokenizer(self.tokenizer_2, self.max_sequence_length)
 
-    def cache_identity(self) -> dict:
-        """Prepared caches hold latents only: their text slot is one embedding tensor, and FLUX's
-        conditioning is two (T5 sequence and pooled CLIP), so prompts are encoded in every step."""
-        spec = self.backbone_spec
-        return {"backbone": f"{spec.name_or_path}@{spec.revision}", "text": None}
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [self.text_encoder, self.text_encoder_2]
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -356,7 +346,10 @@ class FluxLoRA(DiffusionModule):
                 f"FluxLoRA runs under precision '32-true' or 'bf16-mixed', not '{precision}': FLUX is "
                 "released in bf16, and it and its T5 encoder overflow in fp16"
             )
-        if precision == "bf16-mixed" and self.trainer.strategy.root_device.type == "cuda":
+        if is_sharded(self.trainer):
+            # FSDP keeps fp32 shards and gathers them in bf16, the VAE's too (see sharding.py).
+            self._vae_dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
+        elif precision == "bf16-mixed" and self.trainer.strategy.root_device.type == "cuda":
             # Frozen weights (all but the adapters, which stay fp32) in bf16 halve the memory. Cast
             # here, before Lightning moves the model to the GPU: FLUX.1-dev in fp32 is about 67 GB.
             self._vae_dtype = torch.bfloat16
@@ -365,6 +358,8 @@ class FluxLoRA(DiffusionModule):
     def on_fit_start(self) -> None:
         if self.ema is not None:
             self.ema.to(self.device)
+        if self._cached_text and not is_sharded(self.trainer):
+            self.release_text_encoders()  # T5-XXL alone is about 9.5 GB in bf16
 
     # --- loss ---------------------------------------------------------------------------
 
@@ -372,20 +367,26 @@ class FluxLoRA(DiffusionModule):
         return flux_pipeline(self, sampler)
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> FluxText:
-        """Prompt texts -> FLUX's conditioning, by FluxPipeline's own encode_prompt (frozen encoders)."""
-        sequence, pooled, ids = self.build_pipeline().encode_prompt(
-            list(prompts), device=self.device, max_sequence_length=self.max_sequence_length
+    def encode_prompts(self, prompts: list[str], unconditional: bool = False) -> dict[str, torch.Tensor]:
+        """Prompt texts (or as many empty prompts) -> FLUX's conditioning: T5's token states
+        (`prompt_embeds`) and CLIP's pooled vector (`pooled`), by FluxPipeline's own encode_prompt,
+        on the encoders' device (the CPU once a prepared cache replaced them), returned on this
+        module's."""
+        texts = [""] * len(prompts) if unconditional else list(prompts)
+        device = next(self.text_encoder_2.parameters()).device
+        sequence, pooled, _ = self.build_pipeline().encode_prompt(
+            texts, device=device, max_sequence_length=self.max_sequence_length
         )
-        return FluxText(sequence, pooled, ids)
+        return {"prompt_embeds": sequence.to(self.device), "pooled": pooled.to(self.device)}
 
     def velocity_loss(
-        self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, text: FluxText
+        self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, text: dict[str, torch.Tensor]
     ) -> torch.Tensor:
         """The rectified-flow loss of the transformer's velocity at noise levels `sigmas`.
 
         `latents` are scaled VAE latents [B, 16, H, W]; the transformer sees them as packed 2x2
         patches and takes the time as sigma itself (in [0, 1]; it multiplies by 1000 inside).
+        `text` is `encode_prompts`' conditioning; text tokens all sit at position (0, 0, 0).
         """
         noisy, target = flow_matching_pair(latents, noise, sigmas)
         height, width = latents.shape[-2:]
@@ -396,9 +397,9 @@ class FluxLoRA(DiffusionModule):
             hidden_states=pack_latents(noisy),
             timestep=sigmas,
             guidance=guidance,
-            pooled_projections=text.pooled,
-            encoder_hidden_states=text.sequence,
-            txt_ids=text.ids,
+            pooled_projections=text["pooled"],
+            encoder_hidden_states=text["prompt_embeds"],
+            txt_ids=latents.new_zeros(text["prompt_embeds"].shape[1], 3),
             img_ids=latent_ids(height, width).to(latents.device),
             return_dict=False,
         )[0]
@@ -410,11 +411,21 @@ class FluxLoRA(DiffusionModule):
         latents = self.batch_latents(batch, generator)
         noise = sample_noise(latents, self.objective.noise_offset, generator)
         sigmas = self.flow_matching.sample_sigmas(latents.shape[0], generator).to(latents.device)
-        prompts = batch["prompts"]
+        return self.velocity_loss(
+            latents, noise, sigmas, self.batch_conditioning(batch, generator, caption_dropout)
+        )
+
+    def batch_conditioning(
+        self, batch: dict, generator: torch.Generator | None, caption_dropout: float
+    ) -> dict:
+        """The prepared cache's conditioning, else the prompt texts encoded here (FLUX's encoders
+        take texts, not the DataModule's ids); dropped captions become the empty prompt's."""
+        if "text" in batch and self._cached_text:
+            return super().batch_conditioning(batch, generator, caption_dropout)
+        text = self.encode_prompts(batch["prompts"])
         if caption_dropout > 0:
-            dropped = (torch.rand(len(prompts), generator=generator) < caption_dropout).tolist()
-            prompts = ["" if drop else prompt for prompt, drop in zip(prompts, dropped, strict=True)]
-        return self.velocity_loss(latents, noise, sigmas, self.encode_prompts(prompts))
+            text = drop_captions(text, self.empty_prompt_embedding(), caption_dropout, generator)
+        return text
 
     # --- validation images and export ---------------------------------------------------
 
@@ -428,9 +439,11 @@ class FluxLoRA(DiffusionModule):
         size = v.resolution or self.vae.config.sample_size
         trainer = self._trainer
         precision = trainer.precision_plugin.forward_context() if trainer else nullcontext()
+        text = self.prompt_conditioning(list(prompts))
         with precision:
             images = pipe(
-                list(prompts),
+                prompt_embeds=text["prompt_embeds"],
+                pooled_prompt_embeds=text["pooled"],
                 num_inference_steps=v.num_inference_steps,
                 guidance_scale=v.guidance_scale,
                 generator=[torch.Generator().manual_seed(s) for s in seeds],

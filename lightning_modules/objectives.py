@@ -10,6 +10,8 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
+from .conditioning import Conditioning, as_arrays, from_arrays
+
 
 def sample_timesteps(
     batch_size: int,
@@ -93,20 +95,28 @@ def diffusion_loss(
 
 
 def drop_captions(
-    input_ids: torch.Tensor,
-    unconditional_ids: torch.Tensor,
+    values: Conditioning,
+    unconditional: Conditioning,
     probability: float,
     generator: torch.Generator | None = None,
-) -> torch.Tensor:
+) -> Conditioning:
     """Replace each caption by the empty prompt with `probability`.
 
     Training on some unconditional examples is what lets classifier-free guidance work at
-    sampling time. `input_ids` are token ids [B, L] (or cached text embeddings [B, L, D]) and
-    `unconditional_ids` the empty prompt's, shape [L] or [1, L] (or [L, D] / [1, L, D]).
+    sampling time. `values` are token ids [B, L], or cached text embeddings [B, L, D], or a dict
+    of such tensors (SDXL's and FLUX's states and pooled vector: one draw drops a caption from all
+    of them); `unconditional` is the empty prompt's, of the same form without the batch or with
+    a batch of one.
     """
     if probability <= 0:
-        return input_ids
-    drop = torch.rand(input_ids.shape[0], generator=generator) < probability
-    drop = drop.to(input_ids.device).view(-1, *[1] * (input_ids.dim() - 1))
-    empty = unconditional_ids.reshape(1, *input_ids.shape[1:]).to(input_ids)
-    return torch.where(drop, empty, input_ids)
+        return values
+    arrays, empty = as_arrays(values), as_arrays(unconditional)
+    batch = next(iter(arrays.values())).shape[0]
+    drop = torch.rand(batch, generator=generator) < probability
+
+    def replace(name: str) -> torch.Tensor:
+        kept = arrays[name]
+        where = drop.to(kept.device).view(-1, *[1] * (kept.dim() - 1))
+        return torch.where(where, empty[name].reshape(1, *kept.shape[1:]).to(kept), kept)
+
+    return from_arrays({name: replace(name) for name in arrays})

@@ -17,7 +17,13 @@ from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import DiffusionPipeline, KandinskyV22CombinedPipeline, StableDiffusionPipeline
+from diffusers import (
+    DDPMScheduler,
+    DiffusionPipeline,
+    KandinskyV22CombinedPipeline,
+    SchedulerMixin,
+    StableDiffusionPipeline,
+)
 from PIL import Image
 
 from .backbones import (
@@ -59,6 +65,10 @@ SCHEDULERS = {
     "euler-a": "EulerAncestralDiscreteScheduler",
     "unipc": "UniPCMultistepScheduler",
 }
+
+
+class IncompatibleSamplerError(ValueError):
+    """A sampler that cannot run the model's noise schedule (e.g. DDIM on a flow-matching model)."""
 
 
 def resolve_source(source: str | Path) -> Path | str:
@@ -124,14 +134,8 @@ def base_pipeline(name_or_path: str, revision: str | None = None, dtype: torch.d
     The safety checker is left out: on medical images its NSFW classifier fires on anatomy and
     silently replaces images with black ones, which would corrupt a synthetic data set.
     """
-    if name_or_path in (TINY_SD, TINY_SD2):
-        return tiny_pipeline(sd2=name_or_path == TINY_SD2)  # fp32; load_pipeline casts
-    if name_or_path == TINY_SDXL:
-        return tiny_sdxl_pipeline()
-    if name_or_path == TINY_FLUX:
-        return tiny_flux_pipeline()
-    if name_or_path == TINY_KANDINSKY:
-        return combined_pipeline(build_tiny_kandinsky())
+    if name_or_path in TINY_PIPELINES:
+        return TINY_PIPELINES[name_or_path]()  # fp32; load_pipeline casts
     name_or_path = local_name(name_or_path)  # the shipped demo base
     try:
         components = DiffusionPipeline.load_config(name_or_path, revision=revision)
@@ -155,6 +159,41 @@ def tiny_pipeline(sd2: bool = False) -> StableDiffusionPipeline:
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+# The models built from config rather than loaded: name -> pipeline builder.
+TINY_PIPELINES = {
+    TINY_SD: tiny_pipeline,
+    TINY_SD2: lambda: tiny_pipeline(sd2=True),
+    TINY_SDXL: tiny_sdxl_pipeline,
+    TINY_FLUX: tiny_flux_pipeline,
+    TINY_KANDINSKY: lambda: combined_pipeline(build_tiny_kandinsky()),
+}
+
+
+def model_sampler(source: str | Path, base_model: str | None = None) -> SchedulerMixin:
+    """The sampler `source` ships with (see `load_pipeline`), read from its scheduler config
+    without loading any weights (a tiny model is built: a fraction of a second), so that a
+    sampler request can be checked before anything is written or rendered."""
+    resolved = resolve_source(source)
+    manifest = export_manifest(resolved)
+    name, revision = str(resolved), None
+    if manifest is not None and _applies_to_base(manifest):
+        name = base_model or manifest["base_model"]
+        revision = None if base_model else manifest.get("base_revision")
+    if name in TINY_PIPELINES:
+        return TINY_PIPELINES[name]().scheduler
+    try:  # any scheduler class reads the file; its `_class_name` names the model's
+        config = DDPMScheduler.load_config(local_name(name), subfolder="scheduler", revision=revision)
+    except (OSError, ValueError) as error:
+        raise _not_found("the sampler config of", name, error) from error
+    return build_sampler(dict(config))
+
+
+def _applies_to_base(manifest: dict) -> bool:
+    """Whether an export holds a delta on its manifest's base model, whose sampler it keeps."""
+    kandinsky = manifest.get("strategy") == "KandinskyDecoderTuning"
+    return kandinsky or manifest.get("format") in (LORA, TEXTUAL_INVERSION)
 
 
 def _from_export(folder: Path, manifest: dict, base_model: str | None, dtype: torch.dtype):
@@ -193,14 +232,44 @@ def diffusers_pipeline(pipe: StableDiffusionPipeline | DomainTextPipeline) -> St
 def set_scheduler(pipe: StableDiffusionPipeline | DomainTextPipeline, name: str) -> None:
     """Swap the sampler, keeping the model's noise schedule (betas, offsets, prediction type)."""
     inner = diffusers_pipeline(pipe)
+    inner.scheduler = swapped_sampler(inner.scheduler, name)
+    if isinstance(inner, KandinskyV22CombinedPipeline):  # its decoder holds its own reference
+        inner.decoder_pipe.scheduler = inner.scheduler
+
+
+def swapped_sampler(sampler: SchedulerMixin, name: str) -> SchedulerMixin:
+    """The sampler `name` (a SCHEDULERS short name or a diffusers class name) over the schedule of
+    the model's `sampler`; refused unless diffusers lists it as able to run that schedule (its
+    `compatibles`): DDIM, PNDM and the other DDPM samplers step through betas that a
+    flow-matching model such as FLUX does not have (its pipeline fails on them)."""
     class_name = SCHEDULERS.get(name.lower(), name)
     if not class_name.endswith("Scheduler") or not hasattr(diffusers, class_name):
         raise ValueError(
             f"unknown scheduler {name!r}: use one of {sorted(SCHEDULERS)} or a diffusers class name"
         )
-    inner.scheduler = build_sampler(dict(inner.scheduler.config), class_name)
-    if isinstance(inner, KandinskyV22CombinedPipeline):  # its decoder holds its own reference
-        inner.decoder_pipe.scheduler = inner.scheduler
+    own = type(sampler).__name__
+    if getattr(diffusers, class_name) not in sampler.compatibles:
+        if is_flow_matching(sampler):
+            why = (
+                f"its sampler, {own}, is a flow-matching one: the model predicts a velocity along a "
+                f"straight path between image and noise and has no DDPM noise schedule (betas; "
+                f"epsilon or v-prediction) for {class_name} to step through"
+            )
+        else:
+            compatible = sorted(c.__name__ for c in sampler.compatibles)
+            why = f"diffusers lists only {compatible} as able to run the schedule of its sampler, {own}"
+        raise IncompatibleSamplerError(
+            f"scheduler {name!r} ({class_name}) cannot sample this model: {why}. Leave the "
+            f"scheduler unset to sample with the model's own {own}."
+        )
+    return build_sampler(dict(sampler.config), class_name)
+
+
+def is_flow_matching(sampler: SchedulerMixin) -> bool:
+    """Whether a sampler runs a flow-matching sigma schedule (FLUX, SD3) rather than a DDPM one:
+    diffusers' flow-matching samplers are its FlowMatch* classes, and its multistep solvers run
+    one when their config sets `use_flow_sigmas`."""
+    return type(sampler).__name__.startswith("FlowMatch") or bool(sampler.config.get("use_flow_sigmas"))
 
 
 def _to(pipe, device, dtype: torch.dtype):

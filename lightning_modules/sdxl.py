@@ -14,7 +14,8 @@ Choices a user should know:
 - Unconditional prompt: caption dropout trains on the embedding of "" (as for SD 1.x), and the
   exported pipeline sets `force_zeros_for_empty_prompt=False` so that guidance contrasts against
   that same embedding rather than the zeros the base SDXL pipeline defaults to.
-- Prepared text embeddings (`medsd prepare`) are not used: they hold one encoder's states only.
+- Prepared text conditioning (`medsd prepare`) holds both parts (the side-by-side states and the
+  pooled embedding) and is used when both encoders are frozen (LoRA, U-Net-only fine-tuning).
 """
 
 from __future__ import annotations
@@ -191,14 +192,15 @@ class SDXLMixin:
         if self.device.type == "cuda" and precision in HALF_PRECISIONS:
             cast_frozen_parameters(self.text_encoder_2, HALF_PRECISIONS[precision])
 
-    def text_conditioning_is_frozen(self) -> bool:
-        return False  # see the module docstring: prepared embeddings do not fit SDXL
+    def text_encoders(self) -> list[nn.Module]:
+        return [self.text_encoder, self.text_encoder_2]
 
     def build_pipeline(self, sampler: str | None = None) -> StableDiffusionXLPipeline:
         return sdxl_pipeline(self, build_sampler(self.sampler_config, sampler))
 
     def pipeline_prompts(self, prompts: list[str]) -> dict:
-        positive, negative = self.encode_prompts(prompts), self.encode_prompts(prompts, unconditional=True)
+        positive = self.prompt_conditioning(prompts)
+        negative = self.prompt_conditioning(prompts, unconditional=True)
         return {
             "prompt_embeds": positive["prompt_embeds"],
             "pooled_prompt_embeds": positive["pooled"],

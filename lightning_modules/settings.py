@@ -30,10 +30,15 @@ class Objective:
 class Optimizer:
     """AdamW with a warm-up and a learning-rate schedule.
 
+    kind: "adamw" (torch's) or "adamw8bit" (bitsandbytes' AdamW8bit: both moment estimates
+        stored in 8 bits with block-wise scales, 2 bytes per trained weight instead of 8; what
+        makes full fine-tuning of a large U-Net fit on one GPU).
     schedule: one of diffusers' names: constant, constant_with_warmup, linear, cosine,
         cosine_with_restarts, polynomial.
-    fused: fused AdamW kernel; None uses it on GPU.
+    fused: torch's fused AdamW kernel (kind "adamw"); None uses it on GPU.
     """
+
+    kind: Literal["adamw", "adamw8bit"] = "adamw"
 
     lr: float = 1e-5
     weight_decay: float = 1e-2

@@ -81,6 +81,15 @@ class TextualInversion(DiffusionModule):
         return weight[self.placeholder_ids].detach().float().cpu().clone()
 
     def export(self, folder: Path) -> dict:
+        """The embeddings file, and manifest fields that say how prompts must be written to reach
+        the token: the caption template it was trained in (`medsd sample`'s default template) and
+        the multi-vector expansion, which diffusers' pipelines redo by themselves at sampling."""
         # diffusers' format: one key, the placeholder, holding all of its vectors.
         save_file({self.placeholder_token: self.learned_embeddings()}, folder / EMBEDDINGS_FILE)
-        return {"format": "diffusers-textual-inversion", "token": self.placeholder_token}
+        captions = self.prompt_tokenizer
+        return {
+            "format": "diffusers-textual-inversion",
+            "token": self.placeholder_token,
+            "prompt_template": captions.template,
+            "replacements": captions.replacements,
+        }

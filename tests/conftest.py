@@ -1,4 +1,5 @@
 import os
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -18,3 +19,28 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class RenderCall(NamedTuple):
+    """One batch `medsd sample` rendered: the pipeline's sampler class, texts, steps and guidance."""
+
+    sampler: str
+    texts: list[str]
+    steps: int
+    guidance: float
+
+
+@pytest.fixture
+def render_calls(monkeypatch) -> list[RenderCall]:
+    """`medsd sample`'s render calls in this test, each recorded and then made."""
+    import experiments.sample as sample_module
+
+    real = sample_module.render
+    calls: list[RenderCall] = []
+
+    def recording(pipe, prompts, seeds, steps, guidance, *size):
+        calls.append(RenderCall(type(pipe.scheduler).__name__, list(prompts), steps, guidance))
+        return real(pipe, prompts, seeds, steps, guidance, *size)
+
+    monkeypatch.setattr(sample_module, "render", recording)
+    return calls

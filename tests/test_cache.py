@@ -50,8 +50,9 @@ def test_cached_batches_equal_the_decoded_ones(folder, cache):
         mean, std = module.latent_posterior(a["pixel_values"])
         torch.testing.assert_close(b["latent_mean"], mean, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(b["latent_std"], std, rtol=1e-5, atol=1e-5)
+        assert list(b["text"]) == ["prompt_embeds"]  # SD: one array, the text encoder's states
         torch.testing.assert_close(
-            b["prompt_embeds"], module.encode_prompts(a["prompts"]), rtol=1e-5, atol=1e-5
+            b["text"]["prompt_embeds"], module.encode_prompts(a["prompts"]), rtol=1e-5, atol=1e-5
         )
         assert torch.equal(a["input_ids"], b["input_ids"])
 

@@ -17,7 +17,6 @@ from lightning_modules import BackboneNotFoundError, BackboneSpec, FluxLoRA, Obj
 from lightning_modules.export import read_manifest as read_export_manifest
 from lightning_modules.flux import (
     FlowMatching,
-    FluxText,
     build_tiny_flux,
     latent_ids,
     load_flux,
@@ -61,7 +60,7 @@ def test_flow_matching_loss_matches_a_hand_computation(monkeypatch):
         return (velocity,)
 
     monkeypatch.setattr(module.transformer, "forward", stub_transformer)
-    text = FluxText(torch.randn(2, 5, 32, generator=g), torch.randn(2, 32, generator=g), torch.zeros(5, 3))
+    text = {"prompt_embeds": torch.randn(2, 5, 32, generator=g), "pooled": torch.randn(2, 32, generator=g)}
     loss = module.velocity_loss(x0, noise, sigmas, text)
 
     expected_input = torch.empty(2, 6, 64)
@@ -79,7 +78,9 @@ def test_flow_matching_loss_matches_a_hand_computation(monkeypatch):
     torch.testing.assert_close(seen["hidden_states"], expected_input)
     assert torch.equal(seen["timestep"], sigmas)  # FLUX takes t in [0, 1] and scales it by 1000 itself
     assert torch.equal(seen["guidance"], torch.ones(2))  # FlowMatching's training guidance
-    assert seen["encoder_hidden_states"] is text.sequence and seen["pooled_projections"] is text.pooled
+    assert seen["encoder_hidden_states"] is text["prompt_embeds"]
+    assert seen["pooled_projections"] is text["pooled"]
+    assert torch.equal(seen["txt_ids"], torch.zeros(5, 3))  # every text token at position (0, 0, 0)
     assert seen["img_ids"].tolist() == [[0, r, c] for r in range(2) for c in range(3)]
 
 

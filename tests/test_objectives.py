@@ -102,3 +102,20 @@ def test_caption_dropout_replaces_whole_captions():
     kept = (mixed == ids).all(dim=1)
     assert torch.equal(dropped | kept, torch.ones(8, dtype=torch.bool))
     assert 0 < dropped.sum() < 8
+
+
+def test_caption_dropout_drops_a_caption_from_every_part_of_its_conditioning():
+    # SDXL / FLUX: token states and a pooled vector; one draw decides for both.
+    states = torch.arange(8 * 3 * 2, dtype=torch.float32).reshape(8, 3, 2)
+    pooled = torch.arange(8 * 4, dtype=torch.float32).reshape(8, 4) + 1000
+    empty = {"prompt_embeds": torch.full((1, 3, 2), -1.0), "pooled": torch.full((1, 4), -2.0)}
+    dropped = drop_captions(
+        {"prompt_embeds": states, "pooled": pooled}, empty, 0.5, torch.Generator().manual_seed(0)
+    )
+    states_dropped = (dropped["prompt_embeds"] == -1).flatten(1).all(dim=1)
+    pooled_dropped = (dropped["pooled"] == -2).all(dim=1)
+    assert torch.equal(states_dropped, pooled_dropped) and 0 < pooled_dropped.sum() < 8
+    assert torch.equal(dropped["pooled"][~pooled_dropped], pooled[~pooled_dropped])
+    # The same draw as for a single tensor: the rows dropped are those `torch.rand(8) < 0.5` picks.
+    expected = torch.rand(8, generator=torch.Generator().manual_seed(0)) < 0.5
+    assert torch.equal(pooled_dropped, expected)

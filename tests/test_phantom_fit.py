@@ -41,4 +41,6 @@ def test_fit_with_and_without_the_prepared_cache(name, tmp_path):
     mean, std = module.latent_posterior(a["pixel_values"])
     torch.testing.assert_close(b["latent_mean"], mean, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(b["latent_std"], std, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(b["prompt_embeds"], module.encode_prompts(a["prompts"]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        b["text"]["prompt_embeds"], module.encode_prompts(a["prompts"]), rtol=1e-5, atol=1e-5
+    )
