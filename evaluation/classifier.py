@@ -373,6 +373,37 @@ def predict(classifier: TrainedClassifier, images: Sequence[ImageInput], batch_s
     return torch.cat(batches) if batches else torch.empty(0, len(classifier.label_names))
 
 
+@torch.no_grad()
+def penultimate_features(
+    classifier: TrainedClassifier, images: Sequence[ImageInput], batch_size: int | None = None
+) -> np.ndarray:
+    """Float64 [N, D]: what the classifier's last linear layer receives for each image.
+
+    A network trained on the real domain's labels describes images by what tells its findings
+    apart, so Fréchet and kernel distances in this space are domain-feature FID / KID, available
+    wherever the classifier protocols run, with no downloaded extractor.
+    """
+    settings = classifier.settings
+    network = classifier.network.eval()
+    last_linear = [m for m in network.modules() if isinstance(m, nn.Linear)][-1]
+    captured: list[torch.Tensor] = []
+    handle = last_linear.register_forward_hook(
+        lambda _m, inputs, _out: captured.append(inputs[0].double().cpu())
+    )
+    loader = DataLoader(
+        _ImageDataset(list(images), settings.image_size, settings.arch),
+        batch_size=batch_size or settings.batch_size,
+        num_workers=settings.num_workers,
+    )
+    device = next(network.parameters()).device
+    try:
+        for pixels in loader:
+            network(pixels.to(device))
+    finally:
+        handle.remove()
+    return torch.cat(captured).numpy()
+
+
 def fit_thresholds(classifier: TrainedClassifier, validation: LabelledImages) -> TrainedClassifier:
     """A copy of `classifier` whose thresholds maximise Youden's J on real `validation` images.
 

@@ -12,9 +12,16 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from .classifier import ClassifierSettings, LabelledImages, train_classifier
+from .classifier import (
+    ClassifierSettings,
+    ImageInput,
+    LabelledImages,
+    TrainedClassifier,
+    penultimate_features,
+    train_classifier,
+)
 from .protocols import abnormality_insertion, augmentation_protocol
-from .suite import Generated
+from .suite import Generated, fid_and_kid
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +38,9 @@ def classifier_protocols(
     findings: Sequence[str] | None = None,
     resamples: int = 0,
     labels: Sequence[str] | None = None,
-) -> tuple[dict, list[dict]]:
-    """Run the chosen protocols; returns (their full reports, flat metric rows).
+) -> tuple[dict, list[dict], TrainedClassifier]:
+    """Run the chosen protocols; returns (their full reports, flat metric rows, the classifier
+    trained on the real training split).
 
     labels: the labels the classifiers learn and are tested on; default every label of the
     generated images that the real ones carry too. findings: the labels the insertion protocol
@@ -78,7 +86,26 @@ def classifier_protocols(
         )
         reports["augmentation"] = augmentation
         rows += augmentation_rows(augmentation, {**label, "n_generated": len(synthetic)})
-    return reports, rows
+    return reports, rows, classifier
+
+
+def classifier_feature_distances(
+    classifier: TrainedClassifier,
+    real: Sequence[ImageInput],
+    generated: Sequence[ImageInput],
+    resamples: int,
+    seed: int,
+) -> list[dict]:
+    """FID and KID (with bootstrap intervals) in the penultimate features of the classifier
+    trained on the real training split: a domain-feature FID that needs no downloaded weights."""
+    settings = classifier.settings
+    pairs = fid_and_kid(
+        penultimate_features(classifier, real), penultimate_features(classifier, generated), resamples, seed
+    )
+    label = describe(settings, classifier.n_train, len(real))
+    label["extractor"] = "domain-" + label["extractor"] + ", penultimate layer"
+    label.update(n_real=len(real), n_generated=len(generated))
+    return [{**row, **label} for row in pairs]
 
 
 def stated_present(synthetic: LabelledImages) -> list[str]:

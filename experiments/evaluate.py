@@ -6,8 +6,9 @@
 Writes `metrics.json`, `metrics.csv`, `summary.md` and TensorBoard scalars into `--out`
 (default `<generated>/metrics`). Every row names its extractor, weights, preprocessing and N.
 
-Metrics: FID and KID per feature extractor (Inception, torchxrayvision, open_clip), MS-SSIM
-within and across prompts, CLIP score, memorisation against the training split, and the classifier
+Metrics: FID and KID per feature extractor (Inception, torchxrayvision, open_clip, and the
+penultimate layer of the classifier the protocols train on the real data), MS-SSIM within and
+across prompts, CLIP score, memorisation against the training split, and the classifier
 protocols (abnormality insertion, augmentation) when the config's data carries labels; bootstrap
 intervals for FID, KID, CLIP score and the classifier metrics. What cannot run (missing weights,
 unlabelled data, `--real-folder` without splits) is listed under `skipped` with the reason.
@@ -24,7 +25,7 @@ import pandas as pd
 
 from datamodules.base import SPLITS
 from evaluation.classifier import ARCHS, ClassifierSettings, LabelledImages
-from evaluation.classifier_suite import PROTOCOLS, classifier_protocols
+from evaluation.classifier_suite import PROTOCOLS, classifier_feature_distances, classifier_protocols
 from evaluation.features import CLIPFeatures, InceptionFeatures, XRVFeatures
 from evaluation.suite import (
     Generated,
@@ -40,6 +41,7 @@ from evaluation.suite import (
 from lightning_modules.export import write_atomically
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+EXTRACTORS = ("inception", "xrv", "clip", "classifier")
 
 
 def build_extractors(args) -> tuple[dict, dict]:
@@ -50,7 +52,7 @@ def build_extractors(args) -> tuple[dict, dict]:
         "clip": lambda: CLIPFeatures(args.clip_model, args.clip_weights),
     }
     extractors, skipped = {}, {}
-    for name in args.extractors:
+    for name in [n for n in args.extractors if n in builders]:  # "classifier" comes with the protocols
         try:
             extractors[name] = builders[name]()
         except FileNotFoundError as error:
@@ -157,10 +159,11 @@ def evaluate(args, config_args: list[str]) -> dict:
         run_metric("memorisation", rows, skipped, copies)
 
     protocols: dict = {}
+    trained: dict = {}
     if args.classifier != "none" and args.protocols and args.train_split:
 
         def judged() -> list[dict]:
-            reports, protocol_rows = classifier_protocols(
+            reports, protocol_rows, trained["classifier"] = classifier_protocols(
                 generated,
                 data.labelled(args.train_split),
                 data.labelled(args.real_split),
@@ -175,6 +178,17 @@ def evaluate(args, config_args: list[str]) -> dict:
             return protocol_rows
 
         run_metric("classifier protocols", rows, skipped, judged)
+
+    if "classifier" in args.extractors and "classifier" not in trained:
+        skipped["fid/kid (classifier)"] = "needs the classifier the protocols train (labelled splits)"
+    if "classifier" in trained:
+
+        def domain_scores() -> list[dict]:
+            return classifier_feature_distances(
+                trained["classifier"], real.paths, generated.paths, args.bootstrap, args.seed
+            )
+
+        run_metric("fid/kid (classifier)", rows, skipped, domain_scores)
 
     return {
         "size": size,
@@ -242,7 +256,14 @@ def main(argv: list[str]) -> None:
         "--train-split", default="train", help="for memorisation and classifiers; '' skips both"
     )
     parser.add_argument("--size", type=int, help="common resolution (default: the generated images')")
-    parser.add_argument("--extractors", nargs="+", default=["inception", "xrv", "clip"])
+    parser.add_argument(
+        "--extractors",
+        nargs="+",
+        choices=EXTRACTORS,
+        default=list(EXTRACTORS),
+        help="classifier: the penultimate features of the classifier the protocols train on the real "
+        "training split (domain-feature FID / KID without downloaded weights)",
+    )
     parser.add_argument("--inception-weights", help="FID Inception weight file (default: torch hub cache)")
     parser.add_argument("--xrv-weights-dir", help="folder with torchxrayvision's densenet121-res224-all")
     parser.add_argument("--clip-model", default="ViT-B-32")

@@ -8,6 +8,7 @@ import math
 import re
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 import torchxrayvision as xrv
@@ -28,9 +29,11 @@ from evaluation.classifier import (
     image_tensor,
     label_targets,
     masked_bce,
+    penultimate_features,
     predict,
     train_classifier,
 )
+from evaluation.classifier_suite import classifier_feature_distances
 from evaluation.protocols import abnormality_insertion, augmentation_protocol
 
 NAN = math.nan
@@ -367,3 +370,33 @@ def test_labelled_images_from_records_select_and_combine(phantoms):
     assert len(picked + picked) == 2 * len(test)
     with pytest.raises(ValueError, match="not among"):
         test.select(["Tuberculosis"])
+
+
+def test_penultimate_features_are_what_the_last_layer_receives(phantoms, real_classifier):
+    images = phantoms["test"].images[:5]
+    features = penultimate_features(real_classifier, images, batch_size=2)
+    network = real_classifier.network.eval()
+    pixels = torch.stack([image_tensor(image, TINY.image_size, "tiny") for image in images])
+    with torch.no_grad():
+        body = network[:-1](pixels)  # the tiny CNN up to (not including) its final Linear
+        logits = network[-1](torch.from_numpy(features).float())
+    assert features.dtype == np.float64 and features.shape == (5, network[-1].in_features)
+    # (batches of 2 here, of 5 there: float32 results differ in the last digits)
+    np.testing.assert_allclose(features, body.double().numpy(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, network(pixels))
+
+
+def test_domain_distances_are_small_for_real_images_and_large_for_blank_ones(phantoms, real_classifier):
+    """In the classifier's features, two samples of real phantoms are close and real phantoms
+    and uniform gray images far apart. KID is unbiased, so near 0 for the same distribution; FID
+    with 100 images of 1024-d features carries a large small-sample bias, but still orders them."""
+    real, other_real = phantoms["train"].images[:100], phantoms["train"].images[100:200]
+    blank = [Image.new("RGB", (64, 64), (v, v, v)) for v in range(50, 150)]
+    same = classifier_feature_distances(real_classifier, real, other_real, resamples=0, seed=0)
+    apart = classifier_feature_distances(real_classifier, real, blank, resamples=0, seed=0)
+    value = {
+        name: {r["metric"]: r["value"] for r in rows} for name, rows in (("same", same), ("apart", apart))
+    }
+    assert value["apart"]["kid"] > 20 * abs(value["same"]["kid"])
+    assert value["apart"]["fid"] > 2 * value["same"]["fid"]
+    assert same[0]["extractor"].startswith("domain-classifier tiny") and same[0]["n_generated"] == 100

@@ -73,7 +73,7 @@ def evaluated(tmp_path_factory):
            "--data.init_args.root", str(real), "--real-split", "test", "--size", str(SIZE),
            "--inception-weights", str(inception), "--xrv-weights-dir", str(root / "xrv"),
            "--clip-model", str(clip_config), "--clip-weights", str(root / "clip.pt"),
-           "--extractors", "clip", "inception", "xrv",  # memorisation uses the first: the quickest
+           "--extractors", "clip", "inception", "xrv", "classifier",  # memorisation uses the first
            "--classifier-labels", EFFUSION, "Cardiomegaly", "--classifier", "tiny",
            "--classifier-size", "64", "--classifier-epochs", "8",
            "--classifier-lr", "1e-3", "--bootstrap", "20"])  # fmt: skip
@@ -93,7 +93,7 @@ def test_every_metric_is_written_with_its_extractor_and_n(evaluated):
     _, real, result = evaluated
     assert result["skipped"] == {}
     n_test = len(MIMICCXRDataModule(str(real)).records("test"))
-    for word in ("inception", "torchxrayvision", "open_clip"):
+    for word in ("inception", "torchxrayvision", "open_clip", "domain-classifier tiny"):
         for metric in ("fid", "kid"):
             (row,) = [r for r in rows(result, metric) if word in r["extractor"]]
             assert row["n_real"] == n_test and row["n_generated"] > 0
