@@ -118,11 +118,13 @@ class DiffusionModule(L.LightningModule):
         self.save_hyperparameters()
 
         self.load_parts()
+        if self.backbone_spec.dtype is not None:
+            self.to(self.backbone_spec.torch_dtype)  # what loading gave, and the tiny models too
         self.requires_grad_(False)  # strategies switch on what they train
         # Checkpoints hold only what trains; frozen weights come from the backbone again.
         self.strict_loading = False
         self.ema: EMAModel | None = None
-        self._vae_dtype = torch.float32
+        self._vae_dtype = next(self.vae.parameters()).dtype
         self._cached_text = False  # set in setup() when a prepared cache's embeddings fit this run
         self._empty_embedding: Conditioning | None = None
         # Validation prompts' conditioning, kept when the text encoders leave the GPU.
@@ -195,8 +197,20 @@ class DiffusionModule(L.LightningModule):
             self._check_cache(PreparedCache(datamodule.cache_dir))
         if is_sharded(self.trainer):
             check_sharding_settings(self, str(self.trainer.precision))
+        self._train_in_fp32(str(self.trainer.precision))
         if self.ema_decay is not None and self.ema is None:
             self.ema = EMAModel(trainable_parameters(self), decay=self.ema_decay)
+
+    def _train_in_fp32(self, precision: str) -> None:
+        """Trained weights are fp32 whatever the backbone was read in; half-precision frozen
+        weights (`backbone.dtype`) need a mixed precision whose autocast meets them."""
+        for p in trainable_parameters(self):
+            p.data = p.data.float()
+        if self.backbone_spec.dtype is not None and precision not in HALF_PRECISIONS:
+            raise ValueError(
+                f"backbone.dtype '{self.backbone_spec.dtype}' keeps the frozen weights in half precision: "
+                f"train with precision bf16-mixed or 16-mixed, not '{precision}'"
+            )
 
     def _check_cache(self, cache: PreparedCache) -> None:
         prepared, here = cache.manifest["model"], self.cache_identity()
@@ -230,6 +244,7 @@ class DiffusionModule(L.LightningModule):
             else:
                 self.vae.requires_grad_(False)
                 self.vae.to(torch.float32)
+                self._vae_dtype = torch.float32
             cast_frozen_parameters(self.unet, HALF_PRECISIONS[precision])
             cast_frozen_parameters(self.text_encoder, HALF_PRECISIONS[precision])
             cast_frozen_parameters(self.vae, self._vae_dtype)

@@ -97,7 +97,7 @@ def load_flux(spec: BackboneSpec) -> FluxParts:
     if spec.name_or_path == TINY_FLUX:
         return build_tiny_flux()
     where = dict(revision=spec.revision)
-    weights = dict(where, variant=spec.variant)
+    weights = dict(where, variant=spec.variant, torch_dtype=spec.torch_dtype)
     path = spec.name_or_path
     try:
         parts = FluxParts(

@@ -268,7 +268,9 @@ class KandinskyDecoderTuning(DiffusionModule):
 
     def load_parts(self) -> None:
         spec = self.backbone_spec
-        parts = load_kandinsky(spec.name_or_path, self.prior_model, spec.revision, spec.variant)
+        parts = load_kandinsky(
+            spec.name_or_path, self.prior_model, spec.revision, spec.variant, spec.torch_dtype
+        )
         if spec.prediction_type is not None:
             parts.sampler_config["prediction_type"] = spec.prediction_type
         # The prior's tokenizer and text encoder take the base class's names: the DataModule then

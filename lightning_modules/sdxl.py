@@ -71,7 +71,7 @@ def load_sdxl(spec: BackboneSpec) -> SDXLParts:
 
 def _load_pretrained(spec: BackboneSpec) -> SDXLParts:
     path, where = spec.name_or_path, {"revision": spec.revision}
-    weights = dict(where, variant=spec.variant)
+    weights = dict(where, variant=spec.variant, torch_dtype=spec.torch_dtype)
     try:
         parts = SDXLParts(
             tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **where),

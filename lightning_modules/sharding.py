@@ -78,9 +78,11 @@ class ShardedDiffusion(FSDPStrategy):
     can still be given, an explicit `auto_wrap_policy` replacing the discovered units."""
 
     def __init__(self, **kwargs):
+        # The modules rely on both (Lightning's defaults today): mixed frozen / trained units, and
+        # checkpoints that hold plain, full tensors of the trained weights only.
         kwargs.setdefault("use_orig_params", True)
-        kwargs.setdefault("state_dict_type", "full")
-        kwargs.setdefault("limit_all_gathers", True)
+        if kwargs.setdefault("state_dict_type", "full") != "full":
+            raise ValueError("ShardedDiffusion saves full-state checkpoints: leave state_dict_type 'full'")
         super().__init__(**kwargs)
 
     def setup(self, trainer) -> None:

@@ -50,6 +50,8 @@ def test_strategy_defaults_and_discovered_wrap_policy(monkeypatch):
     strategy = ShardedDiffusion()
     assert strategy.kwargs["use_orig_params"] is True
     assert strategy._state_dict_type == "full"
+    with pytest.raises(ValueError, match="full-state checkpoints"):
+        ShardedDiffusion(state_dict_type="sharded")
     monkeypatch.setattr(FSDPStrategy, "setup", lambda self, trainer: None)  # wrapping needs a GPU
     module = LoRAFineTuning(backbone=TINY)
     strategy.setup(SimpleNamespace(lightning_module=module))
