@@ -42,6 +42,7 @@ from .kandinsky import (
     TINY_KANDINSKY,
     build_tiny_kandinsky,
     combined_pipeline,
+    load_kandinsky,
     native_size,
     pipeline_from_export,
 )
@@ -141,6 +142,10 @@ def base_pipeline(name_or_path: str, revision: str | None = None, dtype: torch.d
         components = DiffusionPipeline.load_config(name_or_path, revision=revision)
     except (OSError, ValueError) as error:
         raise _not_found("the pipeline", name_or_path, error) from error
+    if components.get("_class_name") == "KandinskyV22Pipeline":
+        # A Kandinsky 2.2 decoder alone renders image embeddings, not prompts: put its prior
+        # (kandinsky-2-2-prior) in front, as a KandinskyDecoderTuning export does.
+        return combined_pipeline(load_kandinsky(name_or_path, None, revision, dtype=dtype))
     no_checker = {"safety_checker": None, "requires_safety_checker": False}
     extra = no_checker if "safety_checker" in components else {}
     return DiffusionPipeline.from_pretrained(name_or_path, revision=revision, dtype=dtype, **extra)
@@ -217,6 +222,11 @@ def _from_export(folder: Path, manifest: dict, base_model: str | None, dtype: to
 
 def _load_loras(pipe: StableDiffusionPipeline, paths: Sequence[str | Path]) -> None:
     """Load each LoRA under its own adapter name and activate them all at full weight."""
+    if paths and not hasattr(pipe, "load_lora_weights"):
+        raise ValueError(
+            f"{type(pipe).__name__} takes no --lora files (a Kandinsky decoder's adapters come with "
+            "its KandinskyDecoderTuning export)"
+        )
     names = [f"lora_{i}" for i in range(len(paths))]
     for name, path in zip(names, paths, strict=True):
         pipe.load_lora_weights(str(path), adapter_name=name)

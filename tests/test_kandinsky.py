@@ -21,7 +21,7 @@ from experiments.cli import main as medsd
 from experiments.sample import read_manifest
 from lightning_modules import BackboneNotFoundError, BackboneSpec, KandinskyDecoderTuning, Objective
 from lightning_modules.kandinsky import LORA_WEIGHTS, TINY_KANDINSKY, build_tiny_kandinsky, load_kandinsky
-from lightning_modules.pipelines import load_pipeline, render
+from lightning_modules.pipelines import base_pipeline, load_pipeline, render
 
 CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "tiny" / "kandinsky_lora.yaml"
 PROMPTS = ["a bright circle on the left", "a bright square on the right"]
@@ -106,6 +106,10 @@ def test_diffusers_folders_load_like_the_hub_models(module, tmp_path):
         assert same_weights(getattr(loaded, part), getattr(tiny, part)), part
     assert same_weights(loaded.vae, tiny.movq)
     assert loaded.tokenizer("a polyp").input_ids == tiny.tokenizer("a polyp").input_ids
+    # `medsd sample` on a decoder folder alone puts the released prior in front of it rather than
+    # returning a decoder pipeline that cannot take prompts (offline here, so the prior is missing).
+    with pytest.raises(BackboneNotFoundError, match="kandinsky-2-2-prior"):
+        base_pipeline(str(tmp_path / "decoder"))
     assert loaded.image_processor.crop_size == tiny.image_processor.crop_size
     assert loaded.noise_scheduler.config.beta_schedule == "linear"
     batch = {"pixel_values": quantised_images(2, 32), "prompts": PROMPTS}
@@ -239,6 +243,8 @@ def test_medsd_sample_renders_through_prior_and_decoder(runs, tmp_path):
 
 def test_a_list_of_generators_seeds_each_image_through_prior_and_decoder(runs):
     _, root = runs()
+    with pytest.raises(ValueError, match="takes no --lora"):
+        load_pipeline(root, lora=[root])
     pipe = load_pipeline(root, scheduler="ddim")
     assert isinstance(pipe.decoder_pipe.scheduler, DDIMScheduler)  # the decoder samples with it
     assert pipe.unet.active_adapters() == ["default_0"]
