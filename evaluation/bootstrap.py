@@ -20,7 +20,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .statistics import FeatureStatistics, frechet_distance
+from .statistics import FeatureStatistics, frechet_distance_to_samples
 
 
 def bootstrap_intervals(
@@ -88,7 +88,7 @@ def fid_bootstrap_ci(
     features = torch.as_tensor(fake_features)
 
     def fid_of(indices: np.ndarray) -> float:
-        fake = FeatureStatistics().update(features[torch.as_tensor(indices, device=features.device)])
-        return frechet_distance(real_mean, real_covariance, fake.mean, fake.covariance)
+        resampled = features[torch.as_tensor(indices, device=features.device)]
+        return frechet_distance_to_samples(real_mean, real_covariance, resampled)
 
     return bootstrap_ci(fid_of, len(features), resamples, confidence, seed)

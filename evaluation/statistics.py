@@ -153,3 +153,29 @@ def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: 
     trace_sqrt = torch.linalg.eigvalsh((product + product.T) / 2).clamp(min=0).sqrt().sum()
     distance = (mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * trace_sqrt
     return float(distance)
+
+
+def frechet_distance_to_samples(mu1: ArrayLike, sigma1: ArrayLike, samples: ArrayLike) -> float:
+    """`frechet_distance` from (mu1, sigma1) to the mean and unbiased covariance of `samples` [N, D].
+
+    With fewer samples than dimensions (a bootstrap of a few hundred images in 2048-d features)
+    it avoids every D x D eigendecomposition, exactly: the samples' covariance is A^T A with A the
+    centred samples over sqrt(N - 1), and sigma1^(1/2) A^T A sigma1^(1/2) has the same nonzero
+    eigenvalues as the N x N matrix A sigma1 A^T, so tr((sigma1 sigma2)^(1/2)) is the sum of
+    the square roots of those.
+    """
+    device = mu1.device if isinstance(mu1, torch.Tensor) else torch.device("cpu")
+    x = _as_float64(samples, device)
+    n, dim = x.shape
+    if n > dim:
+        stats = FeatureStatistics().update(x)
+        return frechet_distance(mu1, sigma1, stats.mean, stats.covariance)
+    if n < 2:
+        raise ValueError(f"the covariance needs at least 2 samples, got {n}")
+    mu1, sigma1 = _as_float64(mu1, device), _as_float64(sigma1, device)
+    mean = x.mean(dim=0)
+    a = (x - mean) / (n - 1) ** 0.5
+    gram = a @ sigma1 @ a.T
+    trace_sqrt = torch.linalg.eigvalsh((gram + gram.T) / 2).clamp(min=0).sqrt().sum()
+    distance = (mu1 - mean).square().sum() + sigma1.trace() + a.square().sum() - 2 * trace_sqrt
+    return float(distance)

@@ -18,7 +18,7 @@ from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, k
 from evaluation.bootstrap import bootstrap_ci, bootstrap_intervals, fid_bootstrap_ci
 from evaluation.kid import kernel_inception_distance, kid_bootstrap_ci, polynomial_mmd2
 from evaluation.ms_ssim import cross_prompt_diversity, intra_prompt_diversity, ms_ssim_pairs, to_grayscale
-from evaluation.statistics import FeatureStatistics, frechet_distance
+from evaluation.statistics import FeatureStatistics, frechet_distance, frechet_distance_to_samples
 
 
 def sqrtm_frechet(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray) -> float:
@@ -40,6 +40,16 @@ def test_frechet_distance_matches_sqrtm_reference(dim: int) -> None:
     mu1, s1, mu2, s2 = a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)
     expected = sqrtm_frechet(mu1, s1, mu2, s2)
     assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("samples", [60, 300, 600])
+def test_frechet_distance_to_few_samples_matches_sqrtm_reference(samples: int) -> None:
+    # Fewer samples than dimensions (the Gram-matrix route), and more (the covariance route).
+    rng = np.random.default_rng(samples)
+    real, fake = gaussian_features(rng, 3000, 512, 0.0), gaussian_features(rng, samples, 512, 0.1)
+    mu1, s1 = real.mean(0), np.cov(real, rowvar=False)
+    expected = sqrtm_frechet(mu1, s1, fake.mean(0), np.cov(fake, rowvar=False))
+    assert frechet_distance_to_samples(mu1, s1, fake) == pytest.approx(expected, rel=1e-6)
 
 
 def test_frechet_distance_closed_form_for_diagonal_covariances() -> None:
