@@ -135,7 +135,7 @@ def write_plots(long: pd.DataFrame, axes: list[str], folder: Path) -> list[Path]
     folder.mkdir(parents=True, exist_ok=True)
     quality = plotted(long).copy()
     for column in ("extractor", "label", "run"):
-        quality[column] = quality[column].fillna("")
+        quality[column] = quality[column].astype(object).fillna("")  # an all-empty column reads as float
     written = []
     for (metric, extractor, label, run), group in quality.groupby(["metric", "extractor", "label", "run"]):
         figure, axis = plt.subplots(figsize=(max(4, 0.6 * len(group) + 2), 3.5))
