@@ -73,14 +73,16 @@ def headline(long: pd.DataFrame) -> pd.DataFrame:
     keep = numbers["label"].isna() | numbers["label"].isin(["macro", "macro minus real"])
     keep |= numbers["metric"].str.startswith("insertion_")
     keep &= ~numbers["metric"].isin(HIDDEN)
-    keep &= numbers["run"].fillna("") != "real"  # the same real-only classifier in every cell
+    keep &= numbers["run"].ne("real")  # the same real-only classifier in every cell (NaN: kept)
     numbers = numbers[keep]
     states = long.drop_duplicates("cell").set_index("cell")
     label_columns = [c for c in states.columns if c not in {"metric", "extractor", "label", "run", "value",
                                                              "ci_low", "ci_high", "n_generated"}]  # fmt: skip
     if numbers.empty:
         return states[label_columns].reset_index()
-    parts = numbers[["metric", "run", "label", "extractor"]].fillna("").astype(str).values.tolist()
+    parts = (
+        numbers[["metric", "run", "label", "extractor"]].astype(object).fillna("").astype(str).values.tolist()
+    )
     numbers["column"] = [" ".join(p for p in row if p and p not in ("cost", "classifier")) for row in parts]
     wide = numbers.pivot_table(index="cell", columns="column", values="value", aggfunc="first")
     return states[label_columns].join(wide).reset_index()
@@ -118,7 +120,7 @@ def write_report(matrix: Matrix, folders: list, out: Path) -> Path:
 def plotted(long: pd.DataFrame) -> pd.DataFrame:
     """The numbers worth a bar chart: feature metrics and MS-SSIM (no label), insertion rates per
     finding, and the synthetic and real+synthetic augmentation runs' macro AUROC."""
-    metric, label, run = long["metric"], long["label"], long["run"].fillna("")
+    metric, label, run = long["metric"], long["label"], long["run"].astype(object).fillna("")
     plain = metric.isin(["fid", "kid", "clip_score", "ms_ssim_intra_prompt"]) & label.isna()
     insertion = metric.str.startswith("insertion_", na=False)
     augmentation = (metric == "augmentation_auroc") & (label == "macro") & (run != "real")
