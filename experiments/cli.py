@@ -1,5 +1,5 @@
 """The `medsd` command: `medsd fit|validate|test` through LightningCLI, plus medsd's own commands
-(`prepare`, `inspect-data`, `phantoms`; see COMMANDS).
+(`prepare`, `inspect-data`, `phantoms`, `sample`, `evaluate`, `export`, `sweep`; see COMMANDS).
 
 Config files compose (`--config a.yaml --config b.yaml`, later wins), any key can be overridden
 with a dotted flag (`--model.init_args.optimizer.lr 5e-5`), and `--print_config` shows the result.
@@ -144,6 +144,7 @@ COMMANDS = {
     "phantoms": "experiments.phantoms",
     "evaluate": "experiments.evaluate",
     "sample": "experiments.sample",
+    "export": "experiments.export_checkpoint",
     "sweep": "experiments.sweep",
 }
 
@@ -162,7 +163,7 @@ def show_project_logs() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`medsd fit|validate|test` (LightningCLI) and medsd's own `prepare`, `inspect-data`, `phantoms`."""
+    """`medsd fit|validate|test` (LightningCLI) and medsd's own commands (COMMANDS)."""
     show_project_logs()
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] in COMMANDS:

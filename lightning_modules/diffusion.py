@@ -575,10 +575,19 @@ class DiffusionModule(L.LightningModule):
     def unsharded_copy(self, state_dict: dict[str, torch.Tensor]) -> DiffusionModule:
         """This strategy built again from its hyperparameters (the backbone reloaded, on the CPU),
         with the trained weights of `state_dict`, a full state dict of this module."""
+        copy = type(self)(**self.hparams)
+        copy.load_trained({"state_dict": state_dict})
+        return copy.eval()
+
+    def load_trained(self, checkpoint: dict) -> None:
+        """The trained weights (and EMA, if kept) of a checkpoint dict; every trained weight must
+        be there. The frozen ones are the backbone's already."""
         trainable = {unwrapped_name(name) for name, p in self.named_parameters() if p.requires_grad}
+        state_dict = checkpoint["state_dict"]
         missing = trainable - state_dict.keys()
         if missing:
-            raise KeyError(f"the gathered state dict lacks trained weights, e.g. {sorted(missing)[:3]}")
-        copy = type(self)(**self.hparams)
-        copy.load_state_dict({k: v for k, v in state_dict.items() if k in trainable}, strict=False)
-        return copy.eval()
+            raise KeyError(f"the state dict lacks trained weights, e.g. {sorted(missing)[:3]}")
+        self.load_state_dict({k: v for k, v in state_dict.items() if k in trainable}, strict=False)
+        if self.ema_decay is not None and "ema" in checkpoint:
+            self.ema = EMAModel(trainable_parameters(self), decay=self.ema_decay)
+            self.ema.load_state_dict(checkpoint["ema"])

@@ -1,0 +1,69 @@
+"""`medsd export`: write a run's export from one of its checkpoints.
+
+    medsd export runs/unet                          # the best checkpoint -> runs/unet/export-best
+    medsd export runs/unet --checkpoint last        # or last, or a .ckpt path
+    medsd export runs/unet --checkpoint best --out my_export
+
+A fit ends with an export of its final weights (`<run>/export`); the checkpoint with the lowest
+validation loss is often the one to sample from. The run's saved `config.yaml` rebuilds the
+strategy (its backbone loaded again), the checkpoint's trained weights and EMA replace the
+fresh ones, and the export is written exactly as at the end of a fit, into a new folder so the
+fit's own export stays as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_path(run: Path, which: str) -> Path:
+    """`best` (the run's single best-*.ckpt), `last`, or a path to a .ckpt file."""
+    folder = run / "checkpoints"
+    if which == "last":
+        path = folder / "last.ckpt"
+    elif which == "best":
+        best = sorted(folder.glob("best-*.ckpt"))
+        if len(best) != 1:
+            raise FileNotFoundError(
+                f"expected one best-*.ckpt in {folder}, found {[p.name for p in best]}: "
+                "pass --checkpoint PATH"
+            )
+        path = best[0]
+    else:
+        path = Path(which)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return path
+
+
+def export_checkpoint(run: str | Path, which: str = "best", out: str | Path | None = None) -> Path:
+    """Rebuild the run's strategy, load the checkpoint's trained weights, write its export."""
+    from experiments.cli import build_from_config  # the CLI module imports this one
+
+    run = Path(run)
+    config = run / "config.yaml"
+    if not config.is_file():
+        raise FileNotFoundError(f"{run} has no config.yaml: is it a `medsd fit` run folder?")
+    path = checkpoint_path(run, which)
+    module, _ = build_from_config(["--config", str(config)])
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    module.load_trained(checkpoint)
+    folder = Path(out) if out else run / f"export-{path.stem}"
+    module.eval().write_export(folder, checkpoint["global_step"])
+    log.info("exported %s (step %d) to %s", path.name, checkpoint["global_step"], folder)
+    return folder
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="medsd export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", help="a `medsd fit` run folder (holds config.yaml and checkpoints/)")
+    parser.add_argument("--checkpoint", default="best", help="best (default), last, or a .ckpt path")
+    parser.add_argument("--out", help="default: <run>/export-<checkpoint name>")
+    args = parser.parse_args(argv)
+    print(export_checkpoint(args.run, args.checkpoint, args.out))
