@@ -165,8 +165,14 @@ def write_plots(long: pd.DataFrame, axes: list[str], folder: Path) -> list[Path]
         series = "extractor" if len(fid) else "label"
         for name, group in points.groupby(series):
             axis.scatter(group["flops"].astype(float), group["value"].astype(float), label=name)
-            for row in group.to_dict("records"):
-                axis.annotate(_short(row, axes), (row["flops"], row["value"]), fontsize=6)
+            rows = sorted(group.to_dict("records"), key=lambda r: (float(r["flops"]), float(r["value"])))
+            for i, row in enumerate(rows):
+                # Staggered, so that cells of equal cost (same architecture) stay readable.
+                offset = (4, 4 - 8 * (i % 3))
+                axis.annotate(
+                    _short(row, axes), (row["flops"], row["value"]), xytext=offset,
+                    textcoords="offset points", fontsize=6,
+                )  # fmt: skip
         axis.set_xscale("log")
         axis.set_xlabel("training FLOPs per image")
         axis.set_ylabel(
