@@ -62,6 +62,12 @@ def check_sharding_settings(module: nn.Module, precision: str) -> None:
             "ema_decay is not supported with FSDP (the EMA would need the full weights on every "
             "rank): unset it, or train on one GPU / with DDP"
         )
+    spec = getattr(module, "backbone_spec", None)
+    if getattr(spec, "dtype", None) is not None:
+        raise ValueError(
+            f"backbone.dtype '{spec.dtype}' with FSDP: a shard unit must hold one dtype, and trained "
+            "weights stay fp32; unset it (FSDP keeps fp32 shards and gathers them in bf16)"
+        )
     if precision not in ("32-true", "bf16-mixed"):
         raise ValueError(
             f"with FSDP use precision '32-true' or 'bf16-mixed', not '{precision}': FSDP gathers every "

@@ -72,10 +72,14 @@ def test_the_cli_accepts_the_strategy():
 
 @pytest.mark.parametrize(
     ("kwargs", "precision", "message"),
-    [({"ema_decay": 0.999}, "bf16-mixed", "ema_decay"), ({}, "16-mixed", "VAE overflows")],
+    [
+        ({"ema_decay": 0.999}, "bf16-mixed", "ema_decay"),
+        ({}, "16-mixed", "VAE overflows"),
+        ({"backbone": BackboneSpec("medsd/tiny-sd", dtype="bfloat16")}, "bf16-mixed", "one dtype"),
+    ],
 )
 def test_ema_and_fp16_are_refused_before_wrapping(kwargs, precision, message):
-    module = LoRAFineTuning(backbone=TINY, **kwargs)
+    module = LoRAFineTuning(**{"backbone": TINY, **kwargs})
     module.trainer = SimpleNamespace(precision=precision, strategy=ShardedDiffusion(), datamodule=None)
     with pytest.raises(ValueError, match=message):
         module.setup("fit")
