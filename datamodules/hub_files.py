@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import bisect
 import logging
-import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
@@ -23,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .atomic import write_atomically
 from .base import SPLITS
 from .images import existing_names
 from .tables import check_columns
@@ -181,7 +181,7 @@ def write_images(path: Path, targets: dict[int, Path]) -> None:
     log.info("writing %d image(s) from %s", len(todo), path)
     for row, data in iter_image_bytes(path, todo):
         if data is not None:
-            _write_atomically(todo[row], data)
+            write_atomically(todo[row], lambda tmp, data=data: tmp.write_bytes(data))
 
 
 def materialise_images(table: pd.DataFrame, names: pd.Series, folder: Path) -> tuple[list[str], pd.Series]:
@@ -200,11 +200,3 @@ def materialise_images(table: pd.DataFrame, names: pd.Series, folder: Path) -> t
         write_images(path, targets)
     found = names.isin(existing_names(folder))
     return [str(folder / name) for name in names], (table["where"] + ": no image bytes").where(~found, "")
-
-
-def _write_atomically(target: Path, data: bytes) -> None:
-    # A name per process: several ranks of one job may write the same image at once.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial_file = target.with_name(f".{target.name}.{os.getpid()}.part")
-    partial_file.write_bytes(data)
-    os.replace(partial_file, target)

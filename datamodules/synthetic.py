@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
+from .atomic import write_atomically
 from .base import ImageTextDataModule, Record
 
 KINDS = ("circle", "square")
@@ -102,10 +103,6 @@ def write_synthetic_folder(
         rows.append({"image": name, "prompt": record.prompt, "split": "train" if i < n_train else "val"})
     # The CSV comes last and appears whole (os.replace is atomic): if it exists, so do all images.
     csv_path = out_dir / "metadata.csv"
-    tmp = csv_path.with_name(f".{csv_path.name}.{os.getpid()}.tmp")
-    try:
-        pd.DataFrame(rows, columns=["image", "prompt", "split"]).to_csv(tmp, index=False)
-        os.replace(tmp, csv_path)
-    finally:
-        tmp.unlink(missing_ok=True)  # only left after a failure
+    table = pd.DataFrame(rows, columns=["image", "prompt", "split"])
+    write_atomically(csv_path, lambda tmp: table.to_csv(tmp, index=False))
     return csv_path

@@ -15,12 +15,12 @@ symmetric eigen-decompositions that are stable and several times faster.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from datamodules.atomic import write_atomically
 
 ArrayLike = torch.Tensor | np.ndarray
 
@@ -103,18 +103,13 @@ class FeatureStatistics:
         """
         if self._mean is None:
             raise ValueError("no features have been added")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as file:
-                np.savez(file, n=np.int64(self.n), mean=self.mean, scatter=self._scatter.cpu().numpy())
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        arrays = dict(n=np.int64(self.n), mean=self.mean, scatter=self._scatter.cpu().numpy())
+
+        def save(tmp: Path) -> None:
+            with tmp.open("wb") as file:  # a file object: np.savez would add ".npz" to a name
+                np.savez(file, **arrays)
+
+        write_atomically(Path(path), save, sync=True)
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureStatistics:

@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from datamodules.atomic import write_atomically
 from datamodules.base import stack_labels
 from datamodules.images import load_image, to_rgb
 
@@ -151,11 +152,13 @@ class RealSet:
                 return np.load(path)
         features = extract(extractor, self.images())
         if self.cache_dir is not None:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp.npy")
-            np.save(tmp, features)
-            tmp.replace(path)
+            write_atomically(path, lambda tmp: save_npy(tmp, features))
         return features
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    with path.open("wb") as file:  # a file object: np.save would add ".npy" to a temporary name
+        np.save(file, array)
 
 
 def statistics_of(features: np.ndarray) -> FeatureStatistics:

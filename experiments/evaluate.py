@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from datamodules.atomic import write_atomically
 from datamodules.base import SPLITS
 from evaluation.classifier import ARCHS, ClassifierSettings, LabelledImages
 from evaluation.classifier_suite import PROTOCOLS, classifier_feature_distances, classifier_protocols
@@ -38,7 +39,6 @@ from evaluation.suite import (
     memorisation,
     run_metric,
 )
-from lightning_modules.export import write_atomically
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 EXTRACTORS = ("inception", "xrv", "clip", "classifier")

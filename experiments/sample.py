@@ -59,8 +59,8 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
+from datamodules.atomic import write_atomically
 from datamodules.base import SPLITS, Record
-from lightning_modules.export import write_atomically
 from lightning_modules.pipelines import (
     IncompatibleSamplerError,
     export_manifest,

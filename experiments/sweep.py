@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from lightning_modules.export import write_atomically
+from datamodules.atomic import write_atomically
 
 from .matrix import Cell, Matrix
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from lightning_modules.export import write_atomically
+from datamodules.atomic import write_atomically
 
 from .evaluate import markdown_table
 from .matrix import Matrix, slug

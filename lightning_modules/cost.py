@@ -25,7 +25,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .export import write_atomically
+from datamodules.atomic import write_atomically
+
 from .sharding import is_sharded
 
 log = logging.getLogger(__name__)

@@ -1,12 +1,11 @@
-"""Writing files and a run's export folder atomically, and reading back the one non-standard format."""
+"""Writing a run's export folder atomically, and reading back its manifest."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -34,17 +33,6 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
             scratch.rename(target)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-
-
-def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """Call `write(tmp)` then move tmp onto `path`: a crash leaves the old file or none, never a
-    truncated one. The temporary name is per process, so ranks never share one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_manifest(folder: Path, **fields) -> None:

@@ -325,7 +325,7 @@ def test_hub_parquet_without_paths_groups_rows_by_image_content(tmp_path, monkey
     assert {r.meta["source"] for r in all_records(dm)} == {""}
 
     # Later runs still read the bytes to know the images, but write nothing.
-    monkeypatch.setattr(hub_files, "_write_atomically", lambda *args: pytest.fail("image written again"))
+    monkeypatch.setattr(hub_files, "write_atomically", lambda *args: pytest.fail("image written again"))
     assert len(all_records(MedVQAGIParquetDataModule(str(root), str(image_dir)))) == 11
 
 
