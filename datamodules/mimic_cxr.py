@@ -16,7 +16,7 @@ import pandas as pd
 
 from .base import SPLITS, ImageTextDataModule, Record
 from .report_sections import Sections, read_sectioned_csv, section_report
-from .tables import SPLIT_NAMES, some_items
+from .tables import SPLIT_NAMES, check_choice, check_columns, some_items
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +107,9 @@ class MIMICCXRDataModule(ImageTextDataModule):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        _check_choice("labeler", labeler, ("chexpert", "negbio"))
-        _check_choice("prompt_source", prompt_source, PROMPT_SOURCES)
-        _check_choice("missing_images", missing_images, ("error", "drop"))
+        check_choice("labeler", labeler, ("chexpert", "negbio"))
+        check_choice("prompt_source", prompt_source, PROMPT_SOURCES)
+        check_choice("missing_images", missing_images, ("error", "drop"))
         _check_subset(subset, subset_balance)
         if not views:
             raise ValueError("views must name at least one ViewPosition, e.g. ['PA', 'AP']")
@@ -237,10 +237,7 @@ class MIMICCXRDataModule(ImageTextDataModule):
                 f"{self.root} has no mimic-cxr-2.0.0-{stem}.csv(.gz); it should hold {CSV_CONTENTS[stem]} "
                 "(from the MIMIC-CXR-JPG release on PhysioNet)"
             )
-        found = [c.strip() for c in pd.read_csv(path, nrows=0).columns]
-        missing = [c for c in columns if c not in found]
-        if missing:
-            raise ValueError(f"{path} has no column(s) {missing}; columns found: {found}")
+        check_columns(path, columns, [c.strip() for c in pd.read_csv(path, nrows=0).columns])
         # dtype=str and no NA parsing: ids keep their digits, and a blank cell is "".
         table = pd.read_csv(path, dtype=str, keep_default_na=False, usecols=lambda c: c.strip() in columns)
         table.columns = table.columns.str.strip()
@@ -429,11 +426,6 @@ def _check_unique(table: pd.DataFrame, keys: list[str], path: Path) -> None:
 def _find_file(folder: Path, name: str) -> Path | None:
     """`folder/name`, or its gzipped copy `name.gz`, whichever exists."""
     return next((p for p in (folder / name, folder / f"{name}.gz") if p.is_file()), None)
-
-
-def _check_choice(argument: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{argument} must be one of {list(choices)}, got {value!r}")
 
 
 def _check_subset(subset: int | None, balance: str | None) -> None:

@@ -493,7 +493,7 @@ def test_missing_csv_names_the_file_and_its_contents(root):
 def test_renamed_column_names_file_column_and_columns_found(root):
     path = root / "mimic-cxr-2.0.0-metadata.csv"
     path.write_text(path.read_text().replace("ViewPosition", "View Position", 1))
-    message = re.escape(f"{path} has no column(s) ['ViewPosition']; columns found: ") + r".*'View Position'"
+    message = re.escape(f"{path} has no 'ViewPosition' column; columns found: ") + r".*'View Position'"
     with pytest.raises(ValueError, match=message):
         MIMICCXRDataModule(str(root)).records("train")
 
