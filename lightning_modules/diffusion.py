@@ -268,6 +268,12 @@ class DiffusionModule(L.LightningModule):
                 self._kept_text[prompt] = from_arrays({k: v[i : i + 1] for k, v in encoded.items()})
         for encoder in self.text_encoders():
             encoder.to("cpu")
+        log.info(
+            "text conditioning comes from the prepared cache: the empty and %d validation prompts "
+            "encoded once, %d text encoder(s) moved to the CPU",
+            len(prompts),
+            len(self.text_encoders()),
+        )
 
     # --- loss ---------------------------------------------------------------------------
 
