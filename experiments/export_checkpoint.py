@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from lightning_modules.export import MANIFEST
+
 log = logging.getLogger(__name__)
 
 
@@ -42,6 +44,11 @@ def checkpoint_path(run: Path, which: str) -> Path:
     return path
 
 
+def export_folder(run: str | Path, checkpoint: Path) -> Path:
+    """Where a checkpoint's export goes by default: `<run>/export-<checkpoint name>`."""
+    return Path(run) / f"export-{checkpoint.stem}"
+
+
 def export_checkpoint(run: str | Path, which: str = "best", out: str | Path | None = None) -> Path:
     """Rebuild the run's strategy, load the checkpoint's trained weights, write its export."""
     from experiments.cli import build_from_config  # the CLI module imports this one
@@ -54,10 +61,26 @@ def export_checkpoint(run: str | Path, which: str = "best", out: str | Path | No
     module, _ = build_from_config(["--config", str(config)])
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     module.load_trained(checkpoint)
-    folder = Path(out) if out else run / f"export-{path.stem}"
+    folder = Path(out) if out else export_folder(run, path)
     module.eval().write_export(folder, checkpoint["global_step"])
     log.info("exported %s (step %d) to %s", path.name, checkpoint["global_step"], folder)
     return folder
+
+
+def checkpoint_export(run: str | Path, which: str, world_size: int = 1) -> Path:
+    """The export of a run's checkpoint for sampling: reused while newer than the checkpoint,
+    else written here (by a single process: several ranks would race on the folder)."""
+    path = checkpoint_path(Path(run), which)
+    folder = export_folder(run, path)
+    manifest = folder / MANIFEST
+    if manifest.is_file() and manifest.stat().st_mtime >= path.stat().st_mtime:
+        return folder
+    if world_size > 1:
+        raise RuntimeError(
+            f"{folder} is missing or older than {path.name}: write it once with "
+            f"`medsd export {run} --checkpoint {which}` before sampling on several ranks"
+        )
+    return export_checkpoint(run, which)
 
 
 def main(argv: list[str]) -> None:

@@ -61,6 +61,7 @@ from tqdm import tqdm
 
 from datamodules.atomic import write_atomically
 from datamodules.base import SPLITS, Record
+from experiments.export_checkpoint import checkpoint_export
 from lightning_modules.pipelines import (
     IncompatibleSamplerError,
     export_manifest,
@@ -450,6 +451,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("source", help="run folder, export folder, diffusers folder or hub id")
     parser.add_argument("--out", required=True, help="output folder (resumed if it exists)")
+    parser.add_argument(
+        "--checkpoint",
+        help="with a run folder: sample its best or last checkpoint (or a .ckpt path) instead of the "
+        "fit's final export, exported first to <run>/export-<checkpoint name> (see `medsd export`)",
+    )
     parser.add_argument("--prompts", help="text file, one prompt per line (instead of --config)")
     parser.add_argument(
         "--config", action="append", default=[], help="run config whose dataset gives the prompts"
@@ -505,8 +511,11 @@ def main(argv: list[str]) -> None:
     # Config files first, then the dotted overrides: the order `medsd fit` reads them in.
     config_args = [arg for path in args.config for arg in ("--config", path)] + overrides
     prompts = prompts_from_file(args.prompts) if args.prompts else prompts_from_split(config_args, args.split)
+    source = args.source
+    if args.checkpoint:
+        source = str(checkpoint_export(args.source, args.checkpoint, args.world_size))
     settings = Settings(
-        source=args.source,
+        source=source,
         per_prompt=args.per_prompt,
         seed=args.seed,
         height=args.height,

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from safetensors.torch import load_file
 
 from experiments.cli import MedsdCLI
 from experiments.cli import main as medsd
+from experiments.export_checkpoint import checkpoint_export
 
 CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "tiny" / "unet.yaml"
 
@@ -58,3 +60,31 @@ def test_the_best_checkpoint_exports_its_ema_weights(run):
 def test_a_folder_that_is_not_a_run_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.yaml"):
         medsd(["export", str(tmp_path)])
+
+
+def test_sample_takes_a_checkpoint_and_exports_it_once(run, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a bright circle on the left\na bright square on the right\n")
+    fixed = ["--prompts", str(prompts), "--steps", "2", "--seed", "1", "--batch-size", "2"]
+    medsd(["sample", str(run), "--checkpoint", "last", "--out", str(tmp_path / "a"), *fixed])
+    export = run / "export-last"
+    written = (export / "medsd_export.json").stat().st_mtime_ns
+    assert json.loads((tmp_path / "a" / "sample_config.json").read_text())["source"] == str(export)
+    # A second run reuses the export, and sampling the export folder directly gives the same images.
+    medsd(["sample", str(run), "--checkpoint", "last", "--out", str(tmp_path / "b"), *fixed])
+    medsd(["sample", str(export), "--out", str(tmp_path / "c"), *fixed])
+    assert (export / "medsd_export.json").stat().st_mtime_ns == written
+    images = [sorted((tmp_path / out / "images").glob("*.png")) for out in "abc"]
+    assert len(images[0]) == 2
+    assert all(
+        p.read_bytes() == q.read_bytes()
+        for other in images[1:]
+        for p, q in zip(images[0], other, strict=True)
+    )
+
+
+def test_several_ranks_need_the_export_written_first(run):
+    (best,) = (run / "checkpoints").glob("best-*.ckpt")
+    shutil.rmtree(run / f"export-{best.stem}", ignore_errors=True)
+    with pytest.raises(RuntimeError, match="medsd export"):
+        checkpoint_export(run, "best", world_size=2)

@@ -61,9 +61,7 @@ def main() -> None:
     args = parser.parse_args(own)
     configs = [Path(c) for c in args.configs] or [CONFIGS / f"{name}.yaml" for name in FAMILIES]
     print(f"{args.steps} steps each; extra fit arguments: {' '.join(fit_args) or '(none)'}")
-    print(
-        "config | precision | devices | trainable | train GFLOPs/image | images/s | peak GPU GiB | wall s"
-    )
+    print("config | precision | devices | trainable | train GFLOPs/image | images/s | peak GPU GiB | wall s")
     with tempfile.TemporaryDirectory() as root:
         for config in configs:
             print(row(config.stem, measure(config, args.steps, fit_args, Path(root))), flush=True)
