@@ -58,7 +58,7 @@ def prepare_cache(
                 pixels = batch["pixel_values"]
                 text = None
                 if identity["text"] is not None:
-                    text = as_arrays(module.encode_prompts(batch["prompts"]))
+                    text = as_arrays(module.cached_conditioning(batch))
                 writer.write(start, pixels, module.latent_posterior(pixels), text)
                 start += len(pixels)
         writer.finish()

@@ -316,6 +316,11 @@ class DiffusionModule(L.LightningModule):
             }
         return {"backbone": f"{spec.name_or_path}@{spec.revision}", "text": text}
 
+    def cached_conditioning(self, batch: dict) -> Conditioning:
+        """What `medsd prepare` stores for a batch when `cache_identity()["text"]` is set: the
+        frozen text conditioning of its prompts."""
+        return self.encode_prompts(batch["prompts"])
+
     def batch_conditioning(
         self, batch: dict, generator: torch.Generator | None, caption_dropout: float
     ) -> Conditioning:

@@ -342,16 +342,43 @@ class KandinskyDecoderTuning(DiffusionModule):
             weights = min_snr_weights(self.noise_scheduler, timesteps, self.objective.snr_gamma)
         return diffusion_loss(prediction, target, weights, self.objective.loss)
 
+    # --- the prepared cache: MoVQ latents and CLIP image embeddings, both fixed per image ---
+
+    def cache_identity(self) -> dict:
+        spec = self.backbone_spec
+        prior = self.prior_model or self._default_prior()
+        return {"backbone": f"{spec.name_or_path}@{spec.revision}", "text": {"image_embeds": prior}}
+
+    def latent_posterior(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """MoVQ encodes deterministically: its latents, with no spread, so that a cache gives
+        them back exactly."""
+        latents = self.encode_latents(pixel_values)
+        return latents, torch.zeros_like(latents)
+
+    def cached_conditioning(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Each image's CLIP image embedding: what conditions the decoder in training."""
+        return {"image_embeds": self.image_embeddings(batch["pixel_values"])}
+
+    def release_text_encoders(self) -> None:
+        """Nothing leaves the GPU: the validation images need the prior's encoders."""
+
     def diffusion_step(
         self, batch: dict, generator: torch.Generator | None, caption_dropout: float
     ) -> torch.Tensor:
-        if "pixel_values" not in batch:
+        cached = "text" in batch and self._cached_text
+        if "pixel_values" not in batch and not ("latent_mean" in batch and cached):
             raise KeyError(
-                "KandinskyDecoderTuning needs the batch's pixel_values (a cache of latents has none)"
+                "KandinskyDecoderTuning needs the batch's pixel_values, or a prepared cache's MoVQ "
+                "latents and image embeddings"
             )
-        pixels = batch["pixel_values"]
-        latents = self.encode_latents(pixels)
-        image_embeds = self.image_embeddings(pixels)
+        if "latent_mean" in batch:
+            latents = batch["latent_mean"].float()
+        else:
+            latents = self.encode_latents(batch["pixel_values"])
+        if cached:
+            image_embeds = batch["text"]["image_embeds"]
+        else:
+            image_embeds = self.image_embeddings(batch["pixel_values"])
         if caption_dropout > 0:
             image_embeds = drop_captions(
                 image_embeds, self.unconditional_embedding(), caption_dropout, generator

@@ -1,0 +1,69 @@
+"""`medsd prepare` for the Kandinsky 2.2 decoder: MoVQ latents and CLIP image embeddings cached,
+the same loss as computing them, and training without the images or the image encoder."""
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from datamodules import CSVImageTextDataModule, write_synthetic_folder
+from experiments.prepare import prepare_cache
+from lightning_modules import KandinskyDecoderTuning, Validation
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return write_synthetic_folder(tmp_path_factory.mktemp("shapes"), n=8, size=48, val_fraction=0.5)
+
+
+def data(csv: Path, **kwargs) -> CSVImageTextDataModule:
+    return CSVImageTextDataModule(str(csv), image_size=32, batch_size=4, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def cache(folder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cache") / "kandinsky"
+    prepare_cache(data(folder), KandinskyDecoderTuning(), out)
+    return out
+
+
+def trainer(root: Path, **kwargs) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=root, **kwargs,
+    )  # fmt: skip
+
+
+def test_the_cache_holds_movq_latents_and_image_embeddings(folder, cache):
+    module = KandinskyDecoderTuning().eval()
+    direct, cached = data(folder), data(folder, cache_dir=str(cache))
+    for dm in (direct, cached):
+        dm.tokenizer = module.prompt_tokenizer
+    for a, b in zip(direct.val_dataloader(), cached.val_dataloader(), strict=True):
+        assert "pixel_values" not in b and list(b["text"]) == ["image_embeds"]
+        latents = module.encode_latents(a["pixel_values"])
+        torch.testing.assert_close(b["latent_mean"], latents, rtol=1e-5, atol=1e-5)
+        assert torch.equal(b["latent_std"], torch.zeros_like(latents))
+        embeds = module.image_embeddings(a["pixel_values"])
+        torch.testing.assert_close(b["text"]["image_embeds"], embeds, rtol=1e-5, atol=1e-5)
+
+
+def test_validation_loss_is_the_same_with_and_without_the_cache(folder, cache, tmp_path):
+    module = KandinskyDecoderTuning()
+    direct = trainer(tmp_path).validate(module, data(folder), verbose=False)[0]["val/loss"]
+    cached = trainer(tmp_path).validate(module, data(folder, cache_dir=str(cache)), verbose=False)
+    assert module._cached_text is True
+    assert cached[0]["val/loss"] == pytest.approx(direct, rel=1e-4)
+
+
+def test_a_fit_from_the_cache_needs_neither_images_nor_the_image_encoder(folder, cache, tmp_path):
+    module = KandinskyDecoderTuning(validation=Validation(prompts=[]))
+    calls = []
+    module.image_encoder.register_forward_hook(lambda *args: calls.append(1))
+    module.vae.register_forward_hook(lambda *args: calls.append(1))
+    trainer(tmp_path, max_steps=3).fit(module, data(folder, cache_dir=str(cache)))
+    assert module.global_step == 3 and calls == []
+    assert (tmp_path / "export" / "medsd_export.json").is_file()
