@@ -13,17 +13,14 @@ from experiments.cli import main as medsd
 from experiments.prepare import prepare_cache
 from lightning_modules import FineTuning, Objective, TextualInversion
 from lightning_modules.backbones import BackboneSpec
+from tests.cache_helpers import data, shapes_folder
 
 TINY = BackboneSpec("medsd/tiny-sd")
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    return write_synthetic_folder(tmp_path_factory.mktemp("shapes"), n=8, size=48, val_fraction=0.5)
-
-
-def data(csv: Path, **kwargs) -> CSVImageTextDataModule:
-    return CSVImageTextDataModule(str(csv), image_size=32, batch_size=4, **kwargs)
+    return shapes_folder(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -3,14 +3,13 @@ cached, the same loss as encoding on the fly, and the encoders idle for the rest
 
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 
-from datamodules import CSVImageTextDataModule, write_synthetic_folder
 from experiments.prepare import prepare_cache
 from lightning_modules import FluxLoRA, Objective, SDXLLoRAFineTuning, Validation
 from lightning_modules.backbones import BackboneSpec
+from tests.cache_helpers import data, quiet_trainer, shapes_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,11 +22,7 @@ VALIDATION = Validation(prompts=["a bright circle", "a dark square"], num_infere
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    return write_synthetic_folder(tmp_path_factory.mktemp("shapes"), n=8, size=48, val_fraction=0.5)
-
-
-def data(csv: Path, **kwargs) -> CSVImageTextDataModule:
-    return CSVImageTextDataModule(str(csv), image_size=32, batch_size=4, **kwargs)
+    return shapes_folder(tmp_path_factory)
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -35,13 +30,6 @@ def family(request, folder, tmp_path_factory) -> tuple[str, Path]:
     out = tmp_path_factory.mktemp("cache") / request.param
     prepare_cache(data(folder), FAMILIES[request.param](), out)
     return request.param, out
-
-
-def trainer(root: Path, **kwargs) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=root, **kwargs,
-    )  # fmt: skip
 
 
 def test_the_cache_holds_both_parts_of_the_conditioning(folder, family):
@@ -60,9 +48,9 @@ def test_the_cache_holds_both_parts_of_the_conditioning(folder, family):
 def test_validation_loss_is_the_same_with_and_without_the_cache(folder, family, tmp_path):
     name, cache = family
     module = FAMILIES[name]()
-    direct = trainer(tmp_path).validate(module, data(folder), verbose=False)[0]["val/loss"]
+    direct = quiet_trainer(tmp_path).validate(module, data(folder), verbose=False)[0]["val/loss"]
     assert module._cached_text is False
-    cached = trainer(tmp_path).validate(module, data(folder, cache_dir=str(cache)), verbose=False)
+    cached = quiet_trainer(tmp_path).validate(module, data(folder, cache_dir=str(cache)), verbose=False)
     assert module._cached_text is True
     assert cached[0]["val/loss"] == pytest.approx(direct, rel=1e-4)
 
@@ -77,7 +65,7 @@ def test_with_the_cache_the_encoders_run_once_for_the_empty_and_the_validation_p
     calls = {"first": 0, "second": 0}
     for key, encoder in zip(calls, module.text_encoders(), strict=True):
         encoder.register_forward_hook(lambda *args, key=key: calls.__setitem__(key, calls[key] + 1))
-    trainer(tmp_path, max_steps=3).fit(module, data(folder, cache_dir=str(cache)))
+    quiet_trainer(tmp_path, max_steps=3).fit(module, data(folder, cache_dir=str(cache)))
     assert module._cached_text is True
     assert calls == {"first": 2, "second": 2}
     assert all(next(e.parameters()).device.type == "cpu" for e in module.text_encoders())

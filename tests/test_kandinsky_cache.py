@@ -3,24 +3,19 @@ the same loss as computing them, and training without the images or the image en
 
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 
-from datamodules import CSVImageTextDataModule, write_synthetic_folder
 from experiments.prepare import prepare_cache
 from lightning_modules import KandinskyDecoderTuning, Validation
+from tests.cache_helpers import data, quiet_trainer, shapes_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    return write_synthetic_folder(tmp_path_factory.mktemp("shapes"), n=8, size=48, val_fraction=0.5)
-
-
-def data(csv: Path, **kwargs) -> CSVImageTextDataModule:
-    return CSVImageTextDataModule(str(csv), image_size=32, batch_size=4, **kwargs)
+    return shapes_folder(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +23,6 @@ def cache(folder, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cache") / "kandinsky"
     prepare_cache(data(folder), KandinskyDecoderTuning(), out)
     return out
-
-
-def trainer(root: Path, **kwargs) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=root, **kwargs,
-    )  # fmt: skip
 
 
 def test_the_cache_holds_movq_latents_and_image_embeddings(folder, cache):
@@ -53,8 +41,8 @@ def test_the_cache_holds_movq_latents_and_image_embeddings(folder, cache):
 
 def test_validation_loss_is_the_same_with_and_without_the_cache(folder, cache, tmp_path):
     module = KandinskyDecoderTuning()
-    direct = trainer(tmp_path).validate(module, data(folder), verbose=False)[0]["val/loss"]
-    cached = trainer(tmp_path).validate(module, data(folder, cache_dir=str(cache)), verbose=False)
+    direct = quiet_trainer(tmp_path).validate(module, data(folder), verbose=False)[0]["val/loss"]
+    cached = quiet_trainer(tmp_path).validate(module, data(folder, cache_dir=str(cache)), verbose=False)
     assert module._cached_text is True
     assert cached[0]["val/loss"] == pytest.approx(direct, rel=1e-4)
 
@@ -64,6 +52,6 @@ def test_a_fit_from_the_cache_needs_neither_images_nor_the_image_encoder(folder,
     calls = []
     module.image_encoder.register_forward_hook(lambda *args: calls.append(1))
     module.vae.register_forward_hook(lambda *args: calls.append(1))
-    trainer(tmp_path, max_steps=3).fit(module, data(folder, cache_dir=str(cache)))
+    quiet_trainer(tmp_path, max_steps=3).fit(module, data(folder, cache_dir=str(cache)))
     assert module.global_step == 3 and calls == []
     assert (tmp_path / "export" / "medsd_export.json").is_file()
