@@ -48,12 +48,18 @@ log = logging.getLogger(__name__)
 class VAETraining(L.LightningModule):
     """Train a diffusers `AutoencoderKL` from scratch on the DataModule's images ([-1, 1]).
 
-    The loss is `l1_weight * |x - x'| + mse_weight * (x - x')^2` (per-pixel means) plus
-    `kl_weight` times the KL divergence of the posterior from N(0, I) (summed over the latent,
-    averaged over the batch, as in Stable Diffusion's VAE). The KL term only keeps the latent
-    space smooth and bounded: with a large weight the VAE would blur, hence the default 1e-6. No
-    perceptual or adversarial loss, so reconstructions are a little softer than Stable
-    Diffusion's; that is the price of needing no pretrained network.
+    The loss is Stable Diffusion's `LPIPSWithDiscriminator` formula (also MSDM's): a reconstruction
+    term `l1_weight * |x - x'| + mse_weight * (x - x')^2` SUMMED over channels and pixels of each
+    image, plus `kl_weight` times the KL divergence of the posterior from N(0, I) SUMMED over the
+    latent of each image, both averaged over the batch. The default `kl_weight` 1e-6 is SD's and
+    MSDM's, and it only means what it means there against a reconstruction on their scale: a
+    per-pixel mean would make the same weight C*H*W times stronger (about 2e5 at 256 px). The KL
+    term only keeps the latent space smooth and bounded; with a large weight the VAE would blur.
+
+    SD divides the reconstruction by a learnable `exp(logvar)` and adds `logvar`, with `logvar`
+    starting at 0, so at initialisation its loss is exactly this one; medsd keeps `logvar` fixed at
+    0. There is no perceptual (LPIPS) or adversarial term either, so reconstructions are a little
+    softer than Stable Diffusion's; that is the price of needing no pretrained network.
 
     At the end of fit the VAE is exported to `<default_root_dir>/export` (diffusers
     `save_pretrained`), with `scaling_factor` set to 1 / the std of its latents over
@@ -102,9 +108,13 @@ class VAETraining(L.LightningModule):
         posterior = self.vae.encode(pixel_values).latent_dist
         latents = posterior.sample() if sample else posterior.mode()
         error = self.vae.decode(latents).sample - pixel_values
+        batch_size = len(pixel_values)
+        # Sums per image, means over the batch: the scale SD's kl_weight was chosen against (see
+        # the class docstring). diffusers' kl() already sums over the latent's C, H, W per image.
+        per_pixel = self.l1_weight * error.abs() + self.mse_weight * error.pow(2)
         terms = {
-            "reconstruction": self.l1_weight * error.abs().mean() + self.mse_weight * error.pow(2).mean(),
-            "kl": posterior.kl().mean(),
+            "reconstruction": per_pixel.sum() / batch_size,
+            "kl": posterior.kl().sum() / batch_size,
         }
         terms["loss"] = terms["reconstruction"] + self.kl_weight * terms["kl"]
         return terms
@@ -119,7 +129,9 @@ class VAETraining(L.LightningModule):
         return terms["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        terms = self.losses(batch["pixel_values"], sample=False)  # the mode: comparable across epochs
+        # The mode: comparable across epochs. val/loss is the reconstruction alone (summed over the
+        # pixels of an image, batch mean), what the checkpoint keeps the best of.
+        terms = self.losses(batch["pixel_values"], sample=False)
         self.log("val/loss", terms["reconstruction"], sync_dist=True, batch_size=len(batch["pixel_values"]))
         return terms["loss"]
 

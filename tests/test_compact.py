@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 
 from datamodules import SyntheticShapesDataModule
@@ -77,6 +78,56 @@ def test_the_vae_learns_to_reconstruct():
         module.losses(images, sample=True)["loss"].backward()
         optimizer.step()
     assert reconstruction() < 0.5 * before
+
+
+@pytest.mark.parametrize("l1_weight, mse_weight", [(1.0, 0.0), (0.7, 0.4)])
+def test_the_vae_loss_is_stable_diffusions_sum_over_pixels(l1_weight, mse_weight):
+    """SD's LPIPSWithDiscriminator with logvar 0 and no LPIPS or GAN: per-image sums, batch means."""
+    torch.manual_seed(0)
+    # A KL weight large enough for the KL's share of the loss to show at this tolerance.
+    module = VAETraining(l1_weight=l1_weight, mse_weight=mse_weight, kl_weight=2.0).eval()
+    images = torch.rand(3, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        terms = module.losses(images, sample=False)
+        posterior = module.vae.encode(images).latent_dist
+        error = images - module.vae.decode(posterior.mean).sample
+    mean, logvar = posterior.mean.double(), posterior.logvar.double()
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum() / 3
+    reconstruction = (l1_weight * error.abs().sum() + mse_weight * error.pow(2).sum()) / 3
+    assert terms["reconstruction"].item() == pytest.approx(reconstruction.item(), rel=1e-5)
+    assert terms["kl"].item() == pytest.approx(kl.item(), rel=1e-5)
+    assert terms["loss"].item() == pytest.approx(reconstruction.item() + 2.0 * kl.item(), rel=1e-5)
+    # Summed, not averaged: the loss is on the scale of a whole image (3 x 16 x 16 values).
+    assert terms["reconstruction"].item() > 3 * 16 * 16 * 0.1
+
+
+VAE_CONFIGS = [
+    "tiny/compact_vae.yaml",
+    "demo/compact_vae.yaml",
+    "demo/base_vae.yaml",
+    "prompt_to_polyp/msdm_vae.yaml",
+]
+
+
+def test_every_vae_config_uses_stable_diffusions_weights_and_no_clip():
+    configs = CONFIGS.parent
+    found = {
+        str(path.relative_to(configs))
+        for path in configs.rglob("*.yaml")
+        if "lightning_modules.VAETraining" in path.read_text()
+    }
+    assert found == set(VAE_CONFIGS)  # a new VAE config must be checked here too
+    for name in VAE_CONFIGS:
+        text = (configs / name).read_text()
+        config = yaml.safe_load(text)
+        weights = config["model"]["init_args"]
+        assert (weights["l1_weight"], weights["mse_weight"], weights["kl_weight"]) == (1.0, 0.0, 1e-6), name
+        assert "MSDM" in text and "summed over pixels" in text, name  # the comment that claims them
+        # A norm clip chosen for a per-pixel mean would clip every step of the summed loss.
+        trainer = config["trainer"]
+        if isinstance(trainer, str):  # a trainer file next to the config
+            trainer = yaml.safe_load(((configs / name).parent / trainer).read_text())
+        assert "gradient_clip_val" not in trainer, name
 
 
 def test_vae_export_scales_its_latents_to_unit_variance(vae_run):
