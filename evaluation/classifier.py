@@ -29,6 +29,7 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -46,6 +47,9 @@ log = logging.getLogger(__name__)
 ARCHS = ("densenet121", "xrv-densenet121", "tiny")
 UNCERTAIN_POLICIES = ("ignore", "zeros", "ones")
 BLANK_POLICIES = ("negative", "ignore")
+# The ImageNet DenseNet-121 file torchvision downloads into the torch hub cache (never downloaded here).
+DENSENET_IMAGENET_FILE = "densenet121-a639ec97.pth"
+NOT_COMPARABLE = "random init, not comparable with Chambon et al. (an ImageNet-initialised DenseNet-121)"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -101,6 +105,24 @@ class ClassifierSettings:
             raise ValueError(f"threshold must be in (0, 1) or 'validation', got {self.threshold!r}")
         if self.image_size < 16 or self.epochs < 1 or self.batch_size < 1:
             raise ValueError("image_size must be >= 16, epochs and batch_size >= 1")
+
+
+def describe(settings: ClassifierSettings, n_train: int, n_test: int) -> dict:
+    """What every classifier number was computed with: a torchvision DenseNet-121 from random weights
+    says it is not comparable with the papers' ImageNet-initialised one."""
+    if settings.pretrained_weights:
+        start = f"from {Path(settings.pretrained_weights).name}"
+    else:
+        start = NOT_COMPARABLE if settings.arch == "densenet121" else "random init"
+    return {
+        "protocol": "classifier protocols (Chambon et al. 2022 insertion; RoentGen augmentation)",
+        "extractor": f"classifier {settings.arch} ({start}, {settings.epochs} epochs, seed {settings.seed})",
+        "classifier_start": start,
+        "preprocessing": f"grayscale, shorter side to {settings.image_size}, centre crop, "
+        + ("scaled to [-1024, 1024]" if settings.arch == "xrv-densenet121" else "ImageNet mean/std"),
+        "n_real": n_train,
+        "n_test": n_test,
+    }
 
 
 @dataclass

@@ -92,14 +92,17 @@ def kid_bootstrap_ci(
     degree: int = 3,
     gamma: float | None = None,
     coef0: float = 1.0,
+    groups=None,
 ) -> tuple[float | None, float | None]:
     """Bootstrap interval of the squared MMD from the fixed real features to resampled generated ones.
 
-    As for FID, only the generated set is resampled. Each resample's MMD^2 is the unbiased
-    full-set estimate (every real and generated sample at once, not subsets: it has the same
-    expectation as the subset mean that KID reports), computed from kernel matrices built once:
-    with c the resample's count of each generated sample, the generated-generated term averages
-    k over pairs of distinct samples, (c'Kc - sum c_i^2 K_ii) / (M^2 - sum c_i^2), so a sample drawn
+    Only the generated set is resampled: KID is unbiased at any N, so resampling with replacement
+    does not shift it as it does FID. `groups` (the rows of each prompt) resamples whole prompts
+    (see `evaluation.bootstrap`). Each resample's MMD^2 is the unbiased full-set estimate (every
+    real and generated sample at once, not subsets: it has the same expectation as the subset mean
+    that KID reports), computed from kernel matrices built once: with c the resample's count of
+    each generated sample and T its size, the generated-generated term averages k over pairs of
+    distinct samples, (c'Kc - sum c_i^2 K_ii) / (T^2 - sum c_i^2), so a sample drawn
     twice is never paired with itself. Memory: an M x M and an N x M float64 matrix.
     """
     x, y = _features("real", real), _features("fake", fake)
@@ -116,10 +119,10 @@ def kid_bootstrap_ci(
 
     def mmd2(indices: np.ndarray) -> float:
         counts = np.bincount(indices, minlength=m).astype(np.float64)
-        same = (counts**2).sum()
-        if same >= m * m:  # one sample drawn m times: no pair of distinct samples
+        total, same = len(indices), (counts**2).sum()
+        if same >= total * total:  # one sample drawn every time: no pair of distinct samples
             return float("nan")
-        fake_term = (counts @ k_yy @ counts - (counts**2 * diagonal).sum()) / (m * m - same)
-        return float(real_term + fake_term - 2 * counts @ cross / m)
+        fake_term = (counts @ k_yy @ counts - (counts**2 * diagonal).sum()) / (total * total - same)
+        return float(real_term + fake_term - 2 * counts @ cross / total)
 
-    return bootstrap_ci(mmd2, m, resamples, confidence, seed)
+    return bootstrap_ci(mmd2, m, resamples, confidence, seed, groups)

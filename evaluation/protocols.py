@@ -9,9 +9,9 @@ distributions, because they ask a clinical question: does the image show what it
 - `augmentation_protocol` (RoentGen): the same classifier is trained on real, on synthetic and on
   real + synthetic images and each is tested on the same real test split.
 
-Intervals (`resamples` > 0) are percentile bootstraps over the images scored: the synthetic images
-for insertion, the real test images for augmentation. The three augmentation runs are scored on
-the same resamples (a paired bootstrap), so the interval of a difference between runs is not
+Intervals (`resamples` > 0) are percentile bootstraps over what was scored: the synthetic images'
+prompts for insertion (a prompt's images together), the real test images for augmentation. The
+three augmentation runs are scored on the same resamples (a paired bootstrap), so the interval of a difference between runs is not
 widened by test-set noise that the runs share.
 """
 
@@ -51,6 +51,7 @@ def abnormality_insertion(
     findings: Sequence[str] = ("Pleural Effusion",),
     resamples: int = 0,
     confidence: float = 0.95,
+    groups: Sequence[Sequence[int]] | None = None,
 ) -> dict:
     """Chambon et al.'s check: does a classifier trained on REAL images see the finding a prompt asked for?
 
@@ -58,7 +59,8 @@ def abnormality_insertion(
     the detection rate over images whose prompt states it (1.0), and the false-positive rate over
     images whose prompt states it is absent (0.0), None when there are none. A high detection rate
     alone could come from a classifier that calls everything positive; the false-positive rate
-    rules that out. With `resamples`, each rate gets a bootstrap interval (`*_ci`).
+    rules that out. With `resamples`, each rate gets a bootstrap interval (`*_ci`), over `groups`
+    (the images of each prompt, resampled together: they are not independent) when given.
 
     Uniform images (blank black, grey or white ones, as a generator's fp16 NaNs produce) are
     counted per group (`n_uniform_*`) but scored like any other: the rates stay the protocol's. A
@@ -95,7 +97,7 @@ def abnormality_insertion(
             }
 
         seed = classifier.settings.seed
-        intervals = bootstrap_intervals(rates, len(synthetic), resamples, confidence, seed)
+        intervals = bootstrap_intervals(rates, len(synthetic), resamples, confidence, seed, groups)
         for key, interval in intervals.items():
             finding, rate = key.split("|")
             results[finding][f"{rate}_ci"] = list(interval)
@@ -106,7 +108,11 @@ def abnormality_insertion(
         "findings": results,
         "seed": classifier.settings.seed,
         "architecture": classifier.settings.arch,
-        "bootstrap": {"resamples": resamples, "confidence": confidence, "over": "synthetic images"},
+        "bootstrap": {
+            "resamples": resamples,
+            "confidence": confidence,
+            "over": "prompts (their images together)" if groups is not None else "synthetic images",
+        },
         "classifier": classifier.describe(),
     }
 

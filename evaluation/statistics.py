@@ -150,27 +150,27 @@ def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: 
     return float(distance)
 
 
-def frechet_distance_to_samples(mu1: ArrayLike, sigma1: ArrayLike, samples: ArrayLike) -> float:
-    """`frechet_distance` from (mu1, sigma1) to the mean and unbiased covariance of `samples` [N, D].
+def frechet_distance_of_samples(x: ArrayLike, y: ArrayLike) -> float:
+    """`frechet_distance` between the means and unbiased covariances of two sample sets [N1, D], [N2, D].
 
-    With fewer samples than dimensions (a bootstrap of a few hundred images in 2048-d features)
-    it avoids every D x D eigendecomposition, exactly: the samples' covariance is A^T A with A the
-    centred samples over sqrt(N - 1), and sigma1^(1/2) A^T A sigma1^(1/2) has the same nonzero
-    eigenvalues as the N x N matrix A sigma1 A^T, so tr((sigma1 sigma2)^(1/2)) is the sum of
-    the square roots of those.
+    With fewer samples than dimensions in either set (the subsamples of an FID interval in
+    2048-d features) it avoids every D x D eigendecomposition, exactly: with A and B the centred
+    samples over sqrt(N - 1), sigma1 = A^T A and sigma2 = B^T B, and sigma1 sigma2 has the same
+    nonzero eigenvalues as (A B^T)(A B^T)^T, so tr((sigma1 sigma2)^(1/2)) is the sum of the
+    singular values of the N1 x N2 matrix A B^T.
     """
-    device = mu1.device if isinstance(mu1, torch.Tensor) else torch.device("cpu")
-    x = _as_float64(samples, device)
-    n, dim = x.shape
-    if n > dim:
-        stats = FeatureStatistics().update(x)
-        return frechet_distance(mu1, sigma1, stats.mean, stats.covariance)
-    if n < 2:
-        raise ValueError(f"the covariance needs at least 2 samples, got {n}")
-    mu1, sigma1 = _as_float64(mu1, device), _as_float64(sigma1, device)
-    mean = x.mean(dim=0)
-    a = (x - mean) / (n - 1) ** 0.5
-    gram = a @ sigma1 @ a.T
-    trace_sqrt = torch.linalg.eigvalsh((gram + gram.T) / 2).clamp(min=0).sqrt().sum()
-    distance = (mu1 - mean).square().sum() + sigma1.trace() + a.square().sum() - 2 * trace_sqrt
+    device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+    x, y = _as_float64(x, device), _as_float64(y, device)
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"samples must be [N, D] with one D, got {tuple(x.shape)} and {tuple(y.shape)}")
+    (n1, dim), n2 = x.shape, y.shape[0]
+    if min(n1, n2) < 2:
+        raise ValueError(f"the covariance needs at least 2 samples, got {n1} and {n2}")
+    if min(n1, n2) >= dim:
+        first, second = FeatureStatistics().update(x), FeatureStatistics().update(y)
+        return frechet_distance(first.mean, first.covariance, second.mean, second.covariance)
+    mean_x, mean_y = x.mean(dim=0), y.mean(dim=0)
+    a, b = (x - mean_x) / (n1 - 1) ** 0.5, (y - mean_y) / (n2 - 1) ** 0.5
+    trace_sqrt = torch.linalg.svdvals(a @ b.T).sum()
+    distance = (mean_x - mean_y).square().sum() + a.square().sum() + b.square().sum() - 2 * trace_sqrt
     return float(distance)

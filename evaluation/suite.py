@@ -1,19 +1,19 @@
-"""The evaluation suite: generated images (a `medsd sample` manifest) against real images.
+"""Image sets and their features: what every metric of an evaluation reads.
 
-Each metric is a small function over features or images; `evaluate` runs those it can and
-returns rows, each labelled with what the number was computed on (extractor, weights,
-preprocessing, N), so that numbers from different settings are never silently compared.
-A metric whose extractor weights are missing is skipped with the reason, the others still run.
+An `ImageSet` is the generated images or a split of real ones at the evaluation's common
+resolution, loaded once as uint8 RGB; its features are extracted once per feature source and,
+for the real sets, cached on disk per (images, resolution, extractor) so that every model
+compared against the same real images reuses them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -21,79 +21,9 @@ import torch
 from PIL import Image
 
 from datamodules.atomic import write_atomically
-from datamodules.base import stack_labels
 from datamodules.images import load_image, to_rgb
 
-from .bootstrap import bootstrap_ci, fid_bootstrap_ci
-from .features import CLIPFeatures, FeatureExtractor, MissingWeightsError
-from .kid import kernel_inception_distance, kid_bootstrap_ci
-from .ms_ssim import cross_prompt_diversity, intra_prompt_diversity
-from .statistics import FeatureStatistics, frechet_distance
-
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class Generated:
-    """The images of a sampling run, grouped by prompt (from its manifest.csv)."""
-
-    paths: list[Path]
-    prompts: list[str]
-    prompt_index: list[int]
-    labels: list[dict | None]
-
-    @classmethod
-    def from_manifest(cls, folder: str | Path) -> Generated:
-        folder = Path(folder)
-        path = folder / "manifest.csv"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: give the output folder of `medsd sample`")
-        table = pd.read_csv(path, dtype={"prompt": str}, keep_default_na=False)
-        missing = {"prompt_index", "prompt", "path"} - set(table.columns)
-        if missing:
-            raise ValueError(
-                f"{path} has no column(s) {sorted(missing)}; columns found: {list(table.columns)}"
-            )
-        labels = [json.loads(v) if v else None for v in table["labels"]] if "labels" in table else None
-        return cls(
-            paths=[folder / p for p in table["path"]],
-            prompts=list(table["prompt"]),
-            prompt_index=[int(i) for i in table["prompt_index"]],
-            labels=labels or [None] * len(table),
-        )
-
-    def stated_labels(self) -> tuple[list[str], torch.Tensor, torch.Tensor, int]:
-        """What each image's prompt states: (label names, CheXpert values [N, L], labelled [N] bool,
-        number of conflicting values).
-
-        A prompt shared by records with different labels (two reports with the same impression)
-        carries several label sets; where they disagree on a label, the image gets -1 (uncertain)
-        for it, which the protocols leave out, rather than one report's value. Images whose prompt
-        has no labels are marked unlabelled (all NaN).
-        """
-        sets = [label_sets or [] for label_sets in self.labels]
-        names = next((list(label_sets[0]) for label_sets in sets if label_sets), [])
-        if not names:
-            raise ValueError("the manifest's prompts carry no labels (sample from a labelled dataset split)")
-        values = torch.full((len(sets), len(names)), float("nan"))
-        conflicts = 0
-        for i, label_sets in enumerate(sets):
-            if not label_sets:
-                continue
-            _, stacked = stack_labels([{name: row.get(name) for name in names} for row in label_sets])
-            first = stacked[0]
-            agree = ((stacked == first) | (stacked.isnan() & first.isnan())).all(dim=0)
-            values[i] = torch.where(agree, first, torch.tensor(-1.0))
-            conflicts += int((~agree).sum())
-        labelled = torch.tensor([bool(label_sets) for label_sets in sets])
-        return names, values, labelled, conflicts
-
-    def groups(self) -> list[list[int]]:
-        """Row numbers of the images of each prompt."""
-        by_prompt: dict[int, list[int]] = {}
-        for row, index in enumerate(self.prompt_index):
-            by_prompt.setdefault(index, []).append(row)
-        return list(by_prompt.values())
+from .features import FeatureExtractor
 
 
 def load_uint8(paths: Iterable[str | Path | Image.Image], size: int | None) -> torch.Tensor:
@@ -123,36 +53,87 @@ def extract(extractor: FeatureExtractor, images: torch.Tensor, batch_size: int =
     ).numpy()
 
 
-@dataclass
-class RealSet:
-    """The real images compared against, with a cache of their statistics per extractor."""
+class FeatureSource(Protocol):
+    """Turns an image set into features [N, D]; `label` says how (protocol, extractor, weights,
+    preprocessing), and is what cached features are keyed by."""
 
-    paths: list[str | Image.Image]
+    label: dict
+
+    def features_of(self, images: ImageSet) -> np.ndarray: ...
+
+
+@dataclass
+class TensorFeatures:
+    """A FeatureExtractor run on the set's uint8 images at the evaluation's common resolution."""
+
+    extractor: FeatureExtractor
+    protocol: str = "torch-fidelity"
+
+    @property
+    def label(self) -> dict:
+        return {"protocol": self.protocol, **self.extractor.label}
+
+    def features_of(self, images: ImageSet) -> np.ndarray:
+        return extract(self.extractor, images.uint8())
+
+
+@dataclass
+class PathFeatures:
+    """An FID protocol's pipeline (`evaluation.fid_protocols`), which reads the image files itself."""
+
+    pipeline: object
+
+    @property
+    def label(self) -> dict:
+        return self.pipeline.label
+
+    def features_of(self, images: ImageSet) -> np.ndarray:
+        if any(isinstance(p, Image.Image) for p in images.paths):
+            raise ValueError(
+                f"the {self.label['protocol']} protocol reads image files, and this dataset holds its "
+                "images in memory: use --fid-protocol torch-fidelity"
+            )
+        return self.pipeline.features(images.paths)
+
+
+@dataclass
+class ImageSet:
+    """Images compared by the metrics, with their features per source (cached on disk with `cache_dir`)."""
+
+    paths: list[str | Path | Image.Image]
     size: int | None
     cache_dir: Path | None = None
     _images: torch.Tensor | None = field(default=None, repr=False)
+    _features: dict = field(default_factory=dict, repr=False)
 
-    def images(self) -> torch.Tensor:
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def uint8(self) -> torch.Tensor:
         if self._images is None:
             self._images = load_uint8(self.paths, self.size)
         return self._images
 
-    def key(self, extractor: FeatureExtractor) -> str:
-        """Names the images (files by path, in-memory images by their pixels), size and extractor."""
+    def key(self, source: FeatureSource) -> str:
+        """Names the images (files by path, in-memory images by their pixels), size and source."""
         names = [hashlib.sha256(p.tobytes()).hexdigest() if isinstance(p, Image.Image) else str(p)
                  for p in self.paths]  # fmt: skip
-        text = json.dumps([names, self.size, extractor.label], sort_keys=True)
+        text = json.dumps([names, self.size, source.label], sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:20]
 
-    def features(self, extractor: FeatureExtractor) -> np.ndarray:
-        """Real features, cached per (images, resolution, extractor) as .npy next to statistics."""
-        if self.cache_dir is not None:
-            path = self.cache_dir / f"real-{self.key(extractor)}.npy"
-            if path.is_file():
-                return np.load(path)
-        features = extract(extractor, self.images())
-        if self.cache_dir is not None:
-            write_atomically(path, lambda tmp: save_npy(tmp, features))
+    def features(self, source: FeatureSource) -> np.ndarray:
+        """The set's features from `source`, extracted once; cached as .npy under `cache_dir`."""
+        key = self.key(source)
+        if key in self._features:
+            return self._features[key]
+        path = self.cache_dir / f"real-{key}.npy" if self.cache_dir is not None else None
+        if path is not None and path.is_file():
+            features = np.load(path, allow_pickle=False)
+        else:
+            features = source.features_of(self)
+            if path is not None:
+                write_atomically(path, lambda tmp: save_npy(tmp, features))
+        self._features[key] = features
         return features
 
 
@@ -161,98 +142,7 @@ def save_npy(path: Path, array: np.ndarray) -> None:
         np.save(file, array)
 
 
-def statistics_of(features: np.ndarray) -> FeatureStatistics:
-    return FeatureStatistics().update(features)
-
-
-def fid_and_kid(real: np.ndarray, fake: np.ndarray, resamples: int, seed: int) -> list[dict]:
-    real_stats, fake_stats = statistics_of(real), statistics_of(fake)
-    fid = frechet_distance(real_stats.mean, real_stats.covariance, fake_stats.mean, fake_stats.covariance)
-    low, high = (
-        fid_bootstrap_ci(real_stats, fake, resamples=resamples, seed=seed) if resamples else (None, None)
-    )
-    kid, kid_std = kernel_inception_distance(real, fake, seed=seed)
-    kid_low, kid_high = (
-        kid_bootstrap_ci(real, fake, resamples=resamples, seed=seed) if resamples else (None, None)
-    )
-    return [
-        {"metric": "fid", "value": fid, "ci_low": low, "ci_high": high},
-        {"metric": "kid", "value": kid, "std": kid_std, "ci_low": kid_low, "ci_high": kid_high},
-    ]
-
-
-def memorisation(real_train: np.ndarray, real_heldout: np.ndarray, fake: np.ndarray, quantile: float) -> dict:
-    """Share of generated images closer to a training image than real held-out images usually are.
-
-    Distances are cosine distances to the nearest training image. The threshold is the
-    `quantile` of held-out real images' nearest-training distances: a synthetic image closer than
-    that is as close to a training image as only the closest few % of genuinely new images are.
-    """
-
-    def nearest(x: np.ndarray) -> np.ndarray:
-        a = x / np.linalg.norm(x, axis=1, keepdims=True)
-        b = real_train / np.linalg.norm(real_train, axis=1, keepdims=True)
-        return 1 - (a @ b.T).max(axis=1)
-
-    threshold = float(np.quantile(nearest(real_heldout), quantile))
-    distances = nearest(fake)
-    return {
-        "metric": "memorisation_share",
-        "value": float((distances < threshold).mean()),
-        "threshold": threshold,
-        "quantile": quantile,
-        "median_nearest_distance": float(np.median(distances)),
-    }
-
-
-def diversity(generated: Generated, images: torch.Tensor) -> list[dict]:
-    groups = [images[rows] for rows in generated.groups() if len(rows) >= 2]
-    rows = []
-    if groups:
-        intra = intra_prompt_diversity(groups)
-        rows.append({"metric": "ms_ssim_intra_prompt", "value": intra.pop("ms_ssim"), **intra})
-    all_groups = [images[rows_] for rows_ in generated.groups()]
-    if len(all_groups) >= 2:
-        cross = cross_prompt_diversity(all_groups)
-        rows.append({"metric": "ms_ssim_cross_prompt", "value": cross.pop("ms_ssim"), **cross})
-    return rows
-
-
-def run_metric(name: str, rows: list[dict], skipped: dict, compute: Callable[[], list[dict]]) -> None:
-    """Append `compute()`'s rows, or record why the metric was skipped; the others still run."""
-    try:
-        rows.extend(compute())
-    except (MissingWeightsError, ValueError) as error:
-        log.warning("skipping %s: %s", name, error)
-        skipped[name] = str(error)
-
-
-def clip_score(
-    extractor: CLIPFeatures, image_features: np.ndarray, prompts: list[str], resamples: int, seed: int
-) -> list[dict]:
-    """Prompt alignment: the mean over images of 100 * max(cos(image, prompt), 0) in the CLIP
-    embedding space (the CLIPScore convention of torchmetrics), with a bootstrap interval over images.
-
-    image_features: the extractor's normalised image embeddings of the generated images, in
-    manifest order; prompts: each image's prompt.
-    """
-    unique = list(dict.fromkeys(prompts))
-    text, at_limit = extractor.text_features(unique)
-    rows = torch.as_tensor([unique.index(p) for p in prompts])
-    cosine = (torch.as_tensor(image_features) * text[rows]).sum(dim=1).numpy()
-    scores = 100 * np.maximum(cosine, 0)
-    low, high = (
-        bootstrap_ci(lambda i: float(scores[i].mean()), len(scores), resamples, seed=seed)
-        if resamples
-        else (None, None)
-    )
-    return [
-        {
-            "metric": "clip_score",
-            "value": float(scores.mean()),
-            "ci_low": low,
-            "ci_high": high,
-            "prompts": len(unique),
-            "prompts_at_context_limit": at_limit,
-        }
-    ]
+def save_csv(path: Path, table: pd.DataFrame) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, lambda tmp: table.to_csv(tmp, index=False))
+    return path

@@ -3,15 +3,12 @@
     medsd evaluate --generated runs/x/samples --config run.yaml --real-split test [--size 256]
     medsd evaluate --generated runs/x/samples --real-folder data/real_pngs
 
-Writes `metrics.json`, `metrics.csv`, `summary.md` and TensorBoard scalars into `--out`
-(default `<generated>/metrics`). Every row names its extractor, weights, preprocessing and N.
-
-Metrics: FID and KID per feature extractor (Inception, torchxrayvision, open_clip, and the
-penultimate layer of the classifier the protocols train on the real data), MS-SSIM within and
-across prompts, CLIP score, memorisation against the training split, and the classifier
-protocols (abnormality insertion, augmentation) when the config's data carries labels; bootstrap
-intervals for FID, KID, CLIP score and the classifier metrics. What cannot run (missing weights,
-unlabelled data, `--real-folder` without splits) is listed under `skipped` with the reason.
+Writes `metrics.json`, `metrics.csv`, `summary.md`, TensorBoard scalars and the metrics' files
+(the copying test's tables and image grids) into `--out` (default `<generated>/metrics`). The
+metrics are those of the registry (`evaluation.metrics`; `--list-metrics` prints them with what
+each needs); every row names its protocol, extractor, weights, preprocessing, N and, for an
+interval, its method. What cannot run (missing weights, unlabelled data, `--real-folder` without
+splits, a protocol that would leak) is listed under `skipped` with the reason.
 """
 
 from __future__ import annotations
@@ -22,42 +19,70 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from datamodules.atomic import write_atomically
 from datamodules.base import SPLITS
-from evaluation.classifier import ARCHS, ClassifierSettings, LabelledImages
-from evaluation.classifier_suite import PROTOCOLS, classifier_feature_distances, classifier_protocols
-from evaluation.features import CLIPFeatures, InceptionFeatures, XRVFeatures
-from evaluation.suite import (
-    Generated,
-    RealSet,
-    clip_score,
-    diversity,
-    extract,
-    fid_and_kid,
-    load_uint8,
-    memorisation,
-    run_metric,
-)
+from evaluation.classifier import ARCHS, DENSENET_IMAGENET_FILE, ClassifierSettings, LabelledImages
+from evaluation.features import CLIPFeatures, MissingWeightsError, XRVFeatures
+from evaluation.fid_protocols import PROTOCOLS as FID_PROTOCOLS
+from evaluation.fid_protocols import ROENTGEN_IMAGES, fid_protocol
+from evaluation.metrics import registry, run_all
+from evaluation.metrics.classifier_protocols import PROTOCOLS
+from evaluation.metrics.context import ClassifierFeatures, EvaluationContext
+from evaluation.sample_folder import Generated
+from evaluation.suite import PathFeatures, TensorFeatures
+from evaluation.vit_features import DINOv2Features, RadDinoFeatures
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
-EXTRACTORS = ("inception", "xrv", "clip", "classifier")
+EXTRACTORS = ("inception", "xrv", "clip", "dinov2", "raddino", "classifier")
+# RoentGen's FID (eval/calculate_fid.py): clean-fid, the first image of each prompt, at most 5,000
+# images per side, Inception, torchxrayvision and CLIP features.
+PRESETS = {"roentgen": {"fid_protocol": "clean-fid", "extractors": ["inception", "xrv", "clip"],
+                        "fid_images": ROENTGEN_IMAGES, "fid_first_per_prompt": True}}  # fmt: skip
 
 
-def build_extractors(args) -> tuple[dict, dict]:
-    """Name -> extractor for those whose weights are on disk; name -> reason for the others."""
+def build_sources(args) -> tuple[dict, CLIPFeatures | None, dict]:
+    """Name -> feature source for the extractors whose weights are on disk, the CLIP model for
+    prompt alignment, and name -> reason for the extractors that could not be loaded."""
+    protocol, size = args.fid_protocol, args.size
+
+    def protocol_source(extractor: str, **options):
+        if protocol != "clean-fid":
+            options["size"] = size
+        return PathFeatures(fid_protocol(protocol, extractor, **options))
+
+    # clean-fid has its own Inception, CLIP and torchxrayvision pipelines (RoentGen's); the other
+    # protocols define Inception's only, and the other networks read medsd's common resize.
+    clean = protocol == "clean-fid"
     builders = {
-        "inception": lambda: InceptionFeatures(args.inception_weights),
-        "xrv": lambda: XRVFeatures(args.xrv_weights_dir),
-        "clip": lambda: CLIPFeatures(args.clip_model, args.clip_weights),
+        "inception": lambda: protocol_source("inception", weights=args.inception_weights),
+        "xrv": lambda: (
+            protocol_source("xrv", weights=args.xrv_weights_dir)
+            if clean
+            else TensorFeatures(XRVFeatures(args.xrv_weights_dir), protocol="medsd")
+        ),
+        "clip": lambda: (
+            protocol_source("clip", weights=args.clip_weights, model_name=args.clip_model)
+            if clean
+            else TensorFeatures(CLIPFeatures(args.clip_model, args.clip_weights), protocol="medsd")
+        ),
+        "dinov2": lambda: TensorFeatures(DINOv2Features(args.dinov2_model), protocol="medsd"),
+        "raddino": lambda: TensorFeatures(RadDinoFeatures(args.raddino_model), protocol="medsd"),
     }
-    extractors, skipped = {}, {}
+    sources, skipped = {}, {}
     for name in [n for n in args.extractors if n in builders]:  # "classifier" comes with the protocols
         try:
-            extractors[name] = builders[name]()
-        except FileNotFoundError as error:
+            sources[name] = builders[name]()
+        except (MissingWeightsError, ValueError) as error:
             skipped[f"{name} features"] = str(error)
-    return extractors, skipped
+    clip = None
+    if "clip" in args.extractors:
+        try:
+            clip = CLIPFeatures(args.clip_model, args.clip_weights)
+        except MissingWeightsError as error:
+            skipped["clip score, cmmd"] = str(error)
+    return sources, clip, skipped
 
 
 class RealData:
@@ -92,12 +117,21 @@ class RealData:
         return LabelledImages.from_records(records)
 
 
-def classifier_settings(args) -> ClassifierSettings:
+def classifier_settings(args) -> ClassifierSettings | None:
+    """The protocols' classifier; a torchvision DenseNet-121 starts from the ImageNet weights when
+    their file is in the torch hub cache (as the papers' did), else from random weights (and its
+    rows say they are not comparable)."""
+    if args.classifier == "none":
+        return None
+    weights = args.classifier_weights
+    imagenet = Path(torch.hub.get_dir()) / "checkpoints" / DENSENET_IMAGENET_FILE
+    if weights is None and args.classifier == "densenet121" and imagenet.is_file():
+        weights = str(imagenet)
     threshold = args.classifier_threshold
     return ClassifierSettings(
         arch=args.classifier,
         image_size=args.classifier_size,
-        pretrained_weights=args.classifier_weights,
+        pretrained_weights=weights,
         epochs=args.classifier_epochs,
         batch_size=args.classifier_batch_size,
         lr=args.classifier_lr,
@@ -107,97 +141,46 @@ def classifier_settings(args) -> ClassifierSettings:
 
 
 def evaluate(args, config_args: list[str]) -> dict:
-    generated = Generated.from_manifest(args.generated)
-    fake_images = load_uint8(generated.paths, args.size)
-    size = args.size or fake_images.shape[-1]
-    cache = Path(args.stats_cache) if args.stats_cache else None
-    data = RealData(args.real_folder, args.real_split, config_args)
-    real = RealSet(data.paths(args.real_split), size, cache)
-    extractors, skipped = build_extractors(args)
-    fake_features = {name: None for name in extractors}
-
-    def fake(name: str) -> np.ndarray:
-        """The generated images' features, extracted once per extractor."""
-        if fake_features[name] is None:
-            fake_features[name] = extract(extractors[name], fake_images)
-        return fake_features[name]
-
-    rows: list[dict] = []
-    n = {"n_generated": len(generated.paths)}
-    for name, extractor in extractors.items():
-
-        def scores(name=name, extractor=extractor) -> list[dict]:
-            labelled = {**extractor.label, "n_real": len(real.paths), **n}
-            pairs = fid_and_kid(real.features(extractor), fake(name), args.bootstrap, args.seed)
-            return [{**row, **labelled} for row in pairs]
-
-        run_metric(f"fid/kid ({name})", rows, skipped, scores)
-
-    run_metric("ms-ssim", rows, skipped, lambda: [{**row, **n} for row in diversity(generated, fake_images)])
-
-    if "clip" in extractors:
-        clip = extractors["clip"]
-
-        def alignment() -> list[dict]:
-            score = clip_score(clip, fake("clip"), generated.prompts, args.bootstrap, args.seed)
-            return [{**row, **clip.label, **n} for row in score]
-
-        run_metric("clip score", rows, skipped, alignment)
-
-    if args.train_split and not extractors:
-        skipped["memorisation"] = "needs the features of an extractor, and none could be loaded"
-    if args.train_split and extractors:
-        name, extractor = next(iter(extractors.items()))
-
-        def copies() -> list[dict]:
-            train = RealSet(data.paths(args.train_split), size, cache)
-            row = memorisation(
-                train.features(extractor), real.features(extractor), fake(name), args.memorisation_quantile
-            )
-            return [{**row, **extractor.label, "n_real": len(train.paths), **n}]
-
-        run_metric("memorisation", rows, skipped, copies)
-
-    protocols: dict = {}
-    trained: dict = {}
-    if args.classifier != "none" and args.protocols and args.train_split:
-
-        def judged() -> list[dict]:
-            reports, protocol_rows, trained["classifier"] = classifier_protocols(
-                generated,
-                data.labelled(args.train_split),
-                data.labelled(args.real_split),
-                data.labelled(args.val_split) if args.classifier_threshold == "validation" else None,
-                classifier_settings(args),
-                args.protocols,
-                args.findings,
-                args.bootstrap,
-                args.classifier_labels,
-            )
-            protocols.update(reports)
-            return protocol_rows
-
-        run_metric("classifier protocols", rows, skipped, judged)
-
-    if "classifier" in args.extractors and "classifier" not in trained:
-        skipped["fid/kid (classifier)"] = "needs the classifier the protocols train (labelled splits)"
-    if "classifier" in trained:
-
-        def domain_scores() -> list[dict]:
-            return classifier_feature_distances(
-                trained["classifier"], real.paths, generated.paths, args.bootstrap, args.seed
-            )
-
-        run_metric("fid/kid (classifier)", rows, skipped, domain_scores)
-
+    for key, value in PRESETS.get(args.fid_preset, {}).items():
+        setattr(args, key, value)
+    generated = Generated.from_folder(args.generated)
+    augmentation = Generated.from_folder(args.augmentation_generated) if args.augmentation_generated else None
+    size = args.size or native_size(generated)
+    sources, clip, skipped = build_sources(args)
+    context = EvaluationContext(
+        generated=generated,
+        data=RealData(args.real_folder, args.real_split, config_args),
+        args=args,
+        sources=sources,
+        classifier_settings=classifier_settings(args),
+        clip=clip,
+        size=size,
+        cache_dir=Path(args.stats_cache) if args.stats_cache else None,
+        artefacts=Path(args.out),
+        augmentation_generated=augmentation,
+        skipped=skipped,
+    )
+    if "classifier" in args.extractors:
+        context.sources["classifier"] = ClassifierFeatures(context)
+    rows = run_all(context)
     return {
         "size": size,
         "real_split": args.real_folder or args.real_split,
-        "bootstrap": {"resamples": args.bootstrap, "confidence": 0.95, "seed": args.seed},
+        "generated_prompt_split": generated.prompt_split,
+        "fid_protocol": args.fid_protocol,
+        "intervals": {"resamples": args.bootstrap, "confidence": 0.95, "seed": args.seed},
         "metrics": rows,
-        "classifier_protocols": protocols,
-        "skipped": skipped,
+        "classifier_protocols": context.reports.get("classifier_protocols", {}),
+        "skipped": context.skipped,
     }
+
+
+def native_size(generated: Generated) -> int:
+    """The generated images' side (the common resolution when --size is not given)."""
+    from PIL import Image
+
+    with Image.open(generated.paths[0]) as image:
+        return image.width
 
 
 def write_text_atomically(path: Path, text: str) -> None:
@@ -221,11 +204,17 @@ def write_outputs(result: dict, out: Path) -> None:
     write_text_atomically(out / "metrics.json", json.dumps(result, indent=2, default=str) + "\n")
     table = pd.DataFrame(result["metrics"])
     write_text_atomically(out / "metrics.csv", table.to_csv(index=False))
-    lines = [f"# Evaluation ({result['size']} px, real: {result['real_split']})", ""]
+    lines = [
+        f"# Evaluation ({result['size']} px, real: {result['real_split']}, generated from the "
+        f"'{result['generated_prompt_split']}' prompts, FID protocol {result['fid_protocol']})",
+        "",
+    ]
     if len(table):
-        columns = ["metric", "run", "label", "value", "ci_low", "ci_high", "extractor"]
-        columns += ["n_real", "n_generated"]
+        columns = ["metric", "run", "label", "value", "ci_low", "ci_high", "protocol", "extractor", "weights"]
+        columns += ["preprocessing", "n_real", "n_generated"]
         lines += markdown_table(table[[c for c in columns if c in table]]) + [""]
+        methods = table["ci_method"].dropna().unique() if "ci_method" in table else []
+        lines += [f"- interval method: {method}" for method in methods]
     lines += [f"- skipped {name}: {reason}" for name, reason in result["skipped"].items()]
     write_text_atomically(out / "summary.md", "\n".join(lines) + "\n")
     from torch.utils.tensorboard import SummaryWriter
@@ -250,10 +239,15 @@ def main(argv: list[str]) -> None:
         "--data.init_args.KEY VALUE, ...) name the real data, as for `medsd fit`.",
     )
     parser.add_argument("--generated", required=True, help="output folder of `medsd sample`")
+    parser.add_argument(
+        "--augmentation-generated",
+        help="a `medsd sample` folder prompted from the training split, for the augmentation protocol "
+        "(default: --generated, if it was)",
+    )
     parser.add_argument("--real-split", default="test", help="split of the config's data to compare with")
     parser.add_argument("--real-folder", help="a folder of real images instead of a config's split")
     parser.add_argument(
-        "--train-split", default="train", help="for memorisation and classifiers; '' skips both"
+        "--train-split", default="train", help="for the copying test and classifiers; '' skips both"
     )
     parser.add_argument("--size", type=int, help="common resolution (default: the generated images')")
     parser.add_argument(
@@ -264,16 +258,45 @@ def main(argv: list[str]) -> None:
         help="classifier: the penultimate features of the classifier the protocols train on the real "
         "training split (domain-feature FID / KID without downloaded weights)",
     )
-    parser.add_argument("--inception-weights", help="FID Inception weight file (default: torch hub cache)")
+    parser.add_argument(
+        "--fid-protocol",
+        choices=FID_PROTOCOLS,
+        default="torch-fidelity",
+        help="the FID pipeline (files -> features): torch-fidelity (default), clean-fid (RoentGen's) or "
+        "torchmetrics (Prompt to Polyp's); numbers across protocols do not compare",
+    )
+    parser.add_argument(
+        "--fid-preset",
+        choices=sorted(PRESETS),
+        help="roentgen: clean-fid, the first image of each prompt, at most 5,000 images per side, "
+        "Inception, torchxrayvision and CLIP features",
+    )
+    parser.add_argument(
+        "--inception-weights",
+        help="Inception weight file (torch-fidelity / torchmetrics: default the torch hub cache; "
+        "clean-fid: its TorchScript file, default /tmp/inception-2015-12-05.pt)",
+    )
     parser.add_argument("--xrv-weights-dir", help="folder with torchxrayvision's densenet121-res224-all")
     parser.add_argument("--clip-model", default="ViT-B-32")
     parser.add_argument("--clip-weights", help="open_clip weight file or cached tag")
-    parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples (0: no intervals)")
-    parser.add_argument("--memorisation-quantile", type=float, default=0.05)
+    parser.add_argument("--dinov2-model", default="facebook/dinov2-large", help="a local folder or cached id")
+    parser.add_argument("--raddino-model", default="microsoft/rad-dino", help="a local folder or cached id")
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=200,
+        help="resamples per interval (FID: half-samples; 0: no intervals)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="for KID subsets, bootstraps and classifiers")
     classifier = parser.add_argument_group("classifier protocols (need a config with labelled splits)")
     classifier.add_argument("--classifier", choices=[*ARCHS, "none"], default="densenet121")
-    classifier.add_argument("--protocols", nargs="*", choices=PROTOCOLS, default=list(PROTOCOLS))
+    classifier.add_argument(
+        "--protocols",
+        nargs="*",
+        choices=PROTOCOLS,
+        help="default: each protocol the sample folders allow (the others listed as skipped); given, a "
+        "protocol that would test a classifier on what trained it stops the evaluation",
+    )
     classifier.add_argument("--classifier-labels", nargs="+", help="default: all labels of both sets")
     classifier.add_argument("--findings", nargs="+", help="labels to insert (default: all stated present)")
     classifier.add_argument("--classifier-size", type=int, default=224)
@@ -287,7 +310,14 @@ def main(argv: list[str]) -> None:
     classifier.add_argument("--val-split", default="val")
     parser.add_argument("--stats-cache", help="folder caching real-set features")
     parser.add_argument("--out", help="default: <generated>/metrics")
+    parser.add_argument("--list-metrics", action="store_true", help="print the metrics and what each needs")
+    parser.set_defaults(fid_images=None, fid_first_per_prompt=False)  # set by --fid-preset
+    if "--list-metrics" in argv:
+        for metric in registry():
+            print(f"{metric.name}: {', '.join(metric.rows)}\n    needs {metric.needs}")
+        return
     args, config_args = parser.parse_known_args(argv)
+    args.out = args.out or str(Path(args.generated) / "metrics")
     result = evaluate(args, config_args)
-    write_outputs(result, Path(args.out or Path(args.generated) / "metrics"))
+    write_outputs(result, Path(args.out))
     print(json.dumps(result, indent=2, default=str))

@@ -8,10 +8,9 @@ SOURCE is a run folder, an export folder, a diffusers pipeline folder or hub id,
 blank lines ignored, repeats kept) or from a split of a run config's dataset (identical prompts
 rendered once, keeping the labels of every record that had them). The folder receives:
 
-    DIR/images/<prompt_index:06d>_<k:02d>.png   image k of prompt prompt_index
-    DIR/manifest.csv         prompt_index, k, prompt, seed, path (relative to DIR), labels: the
-                             JSON list of the distinct label sets of the prompt's records
-    DIR/sample_config.json   every setting the images depend on
+    DIR/images/, DIR/manifest.csv, DIR/sample_config.json   the format of
+                             `evaluation.sample_folder` (images, their prompts, seeds and labels,
+                             the settings and the split or file the prompts came from)
     DIR/cost/rank<R>.json    images, seconds, images/s, FLOPs per image and peak GPU memory of
                              rank R (added up over resumed runs)
 
@@ -53,7 +52,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import pandas as pd
 import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
@@ -61,6 +59,14 @@ from tqdm import tqdm
 
 from datamodules.atomic import write_atomically
 from datamodules.base import SPLITS, Record
+from evaluation.sample_folder import (
+    MANIFEST_FILE,
+    SETTINGS_FILE,
+    file_source,
+    image_path,
+    split_source,
+    write_manifest,
+)
 from experiments.export_checkpoint import checkpoint_export
 from lightning_modules.pipelines import (
     IncompatibleSamplerError,
@@ -74,10 +80,6 @@ from lightning_modules.pipelines import (
 )
 
 log = logging.getLogger(__name__)
-
-SETTINGS_FILE = "sample_config.json"
-MANIFEST_FILE = "manifest.csv"
-MANIFEST_COLUMNS = ["prompt_index", "k", "prompt", "seed", "path", "labels"]
 
 PRESETS = {
     "roentgen": {"scheduler": "pndm", "steps": 75, "guidance": 4.0},
@@ -109,7 +111,7 @@ class Item:
 
     @property
     def path(self) -> str:
-        return f"images/{self.prompt_index:06d}_{self.k:02d}.png"
+        return image_path(self.prompt_index, self.k)
 
 
 @dataclass
@@ -192,7 +194,7 @@ def env_rank() -> tuple[int, int]:
 # --- the output folder --------------------------------------------------------------------------
 
 
-def recorded_settings(settings: Settings, prompts: list[Prompt]) -> dict:
+def recorded_settings(settings: Settings, prompts: list[Prompt], prompt_source: dict | None = None) -> dict:
     """`sample_config.json`: the settings with local paths made absolute, the export's manifest
     (which run and step made the model) and a digest of the prompts, so that a resume with a
     retrained model or an edited prompt list is refused instead of mixing images."""
@@ -206,6 +208,7 @@ def recorded_settings(settings: Settings, prompts: list[Prompt]) -> dict:
         "textual_inversion": [absolute_if_local(p) for p in settings.textual_inversion],
         "lora": [absolute_if_local(p) for p in settings.lora],
         "prompts": {"count": len(prompts), "sha256": hashlib.sha256(texts).hexdigest()},
+        "prompt_source": prompt_source,
     }
 
 
@@ -238,27 +241,18 @@ def save_image(image: Image.Image, path: Path) -> None:
     write_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
-def write_manifest(out: Path, prompts: list[Prompt], items: list[Item]) -> None:
-    rows = [
+def manifest_rows(prompts: list[Prompt], items: list[Item]) -> list[dict]:
+    return [
         {
             "prompt_index": item.prompt_index,
             "k": item.k,
             "prompt": prompts[item.prompt_index].text,
             "seed": item.seed,
             "path": item.path,
-            "labels": json.dumps(list(prompts[item.prompt_index].labels)),
+            "labels": prompts[item.prompt_index].labels,
         }
         for item in items
     ]
-    frame = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
-    write_atomically(out / MANIFEST_FILE, lambda tmp: frame.to_csv(tmp, index=False))
-
-
-def read_manifest(out: str | Path) -> pd.DataFrame:
-    """`manifest.csv` with its labels decoded, prompts kept as text (never parsed as numbers)."""
-    frame = pd.read_csv(Path(out) / MANIFEST_FILE, dtype={"prompt": str}, keep_default_na=False)
-    frame["labels"] = frame["labels"].map(json.loads)
-    return frame
 
 
 # --- sampling -----------------------------------------------------------------------------------
@@ -338,9 +332,11 @@ def sample(
     rank: int = 0,
     world_size: int = 1,
     device: str | torch.device = "cpu",
+    prompt_source: dict | None = None,
 ) -> bool:
     """Render this rank's missing images into `out`; return True once every image of every rank
-    exists and the manifest is written."""
+    exists and the manifest is written. `prompt_source` (`evaluation.sample_folder.split_source` or
+    `file_source`) is recorded for the evaluation: which split the prompts came from."""
     if not prompts:
         raise ValueError("no prompts to sample")
     if settings.per_prompt < 1 or batch_size < 1:
@@ -351,7 +347,7 @@ def sample(
     if "{prompt}" not in settings.prompt_template:
         raise ValueError(f"--prompt-template must contain {{prompt}}, got {settings.prompt_template!r}")
     out = Path(out)
-    recorded = recorded_settings(settings, prompts)
+    recorded = recorded_settings(settings, prompts, prompt_source)
     check_settings(out, recorded)
     (out / "images").mkdir(exist_ok=True)
     items = plan(len(prompts), settings.per_prompt, settings.seed)
@@ -390,7 +386,7 @@ def sample(
     if missing:
         log.info("rank %d done; %d images of other ranks missing, so no manifest yet", rank, missing)
         return False
-    write_manifest(out, prompts, items)
+    write_manifest(out, manifest_rows(prompts, items))
     return True
 
 
@@ -510,7 +506,13 @@ def main(argv: list[str]) -> None:
         parser.error("give the prompts: --prompts FILE, or --config RUN.yaml [--split SPLIT]")
     # Config files first, then the dotted overrides: the order `medsd fit` reads them in.
     config_args = [arg for path in args.config for arg in ("--config", path)] + overrides
-    prompts = prompts_from_file(args.prompts) if args.prompts else prompts_from_split(config_args, args.split)
+    if args.prompts:
+        prompts, prompt_source = prompts_from_file(args.prompts), file_source(args.prompts)
+    else:
+        prompts, prompt_source = (
+            prompts_from_split(config_args, args.split),
+            split_source(args.split, config_args),
+        )
     source = args.source
     if args.checkpoint:
         source = str(checkpoint_export(args.source, args.checkpoint, args.world_size))
@@ -538,6 +540,7 @@ def main(argv: list[str]) -> None:
             rank=args.rank,
             world_size=args.world_size,
             device=args.device or default_device(),
+            prompt_source=prompt_source,
         )
     except SettingsMismatchError as error:
         raise SystemExit(f"medsd sample: {error}") from None

@@ -10,9 +10,9 @@ from diffusers import FluxPipeline
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from evaluation.sample_folder import read_manifest
 from experiments.cli import MedsdCLI
 from experiments.cli import main as medsd
-from experiments.sample import read_manifest
 from lightning_modules import BackboneNotFoundError, BackboneSpec, FluxLoRA, Objective
 from lightning_modules.export import read_manifest as read_export_manifest
 from lightning_modules.flux import (

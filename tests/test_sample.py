@@ -13,6 +13,7 @@ from PIL import Image
 import experiments.sample as sample_module
 from datamodules.base import Record
 from datamodules.phantoms import write_phantoms
+from evaluation.sample_folder import read_manifest
 from experiments.cli import MedsdCLI, build_datamodule
 from experiments.cli import main as medsd
 from experiments.sample import (
@@ -20,7 +21,6 @@ from experiments.sample import (
     build_parser,
     plan,
     prompts_from_records,
-    read_manifest,
     sampler_settings,
     shard,
 )

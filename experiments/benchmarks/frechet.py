@@ -7,10 +7,10 @@ as a real and a generated set would have), then times, in one run and on the CPU
   eigh    `evaluation.statistics.frechet_distance` (eigh of sigma1, eigvalsh of S sigma2 S);
   sqrtm   the textbook formula with scipy.linalg.sqrtm(sigma1 @ sigma2), as pytorch-fid does;
 and prints both values and their difference. Each is timed as the best of `--repeats` calls.
-Then, for one bootstrap resample of `--few` generated images (fewer than the dimensions, as in
-a small evaluation), it times the distance from the real statistics through the covariance
-(`frechet_distance`) and through the N x N Gram matrix (`frechet_distance_to_samples`, what the
-FID bootstrap uses), which give the same value.
+Then, for `--few` generated images against as many real ones (fewer than the dimensions, as in
+one half-sample of a small evaluation's FID interval), it times the distance through the
+covariances (`frechet_distance`) and through the SVD of the N x N cross-product of the centred
+samples (`frechet_distance_of_samples`, what the interval uses), which give the same value.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import scipy
 import scipy.linalg
 import torch
 
-from evaluation.statistics import FeatureStatistics, frechet_distance, frechet_distance_to_samples
+from evaluation.statistics import FeatureStatistics, frechet_distance, frechet_distance_of_samples
 
 
 def frechet_distance_sqrtm(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--samples", type=int, default=5000)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--few", type=int, default=200, help="generated images in the bootstrap case")
+    parser.add_argument("--few", type=int, default=200, help="images per set in the half-sample case")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -77,18 +77,19 @@ def main() -> None:
         f" (relative {abs(difference) / abs(sqrtm_value):.3e})"
     )
 
+    few_real = rng.standard_normal((args.few, args.dim))
     few = rng.standard_normal((args.few, args.dim)) + 0.1
-    few_stats = FeatureStatistics().update(few)
+    real_stats, few_stats = FeatureStatistics().update(few_real), FeatureStatistics().update(few)
     full_seconds, full_value = best_time(
-        lambda: frechet_distance(real.mean, real.covariance, few_stats.mean, few_stats.covariance),
+        lambda: frechet_distance(
+            real_stats.mean, real_stats.covariance, few_stats.mean, few_stats.covariance
+        ),
         args.repeats,
     )
-    gram_seconds, gram_value = best_time(
-        lambda: frechet_distance_to_samples(real.mean, real.covariance, few), args.repeats
-    )
-    print(f"{args.few} generated images (one bootstrap resample):")
+    gram_seconds, gram_value = best_time(lambda: frechet_distance_of_samples(few_real, few), args.repeats)
+    print(f"{args.few} real and {args.few} generated images (one half-sample of an interval):")
     print(f"covariance route {full_seconds:7.3f} s   FD = {full_value:.10f}")
-    print(f"Gram route       {gram_seconds:7.3f} s   FD = {gram_value:.10f}")
+    print(f"SVD route        {gram_seconds:7.3f} s   FD = {gram_value:.10f}")
     relative = abs(gram_value - full_value) / full_value
     print(f"speed-up {full_seconds / gram_seconds:.1f}x, relative difference {relative:.3e}")
 
