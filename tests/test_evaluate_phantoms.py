@@ -19,9 +19,10 @@ import torchxrayvision as xrv
 from datamodules.mimic_cxr import MIMICCXRDataModule
 from datamodules.phantoms import write_phantoms
 from evaluation.features import XRV_WEIGHTS, CLIPFeatures
+from evaluation.sample_folder import SETTINGS_FILE, split_source, write_manifest
 from evaluation.suite import load_uint8
 from experiments.cli import main as medsd
-from experiments.sample import Item, prompts_from_records, write_manifest
+from experiments.sample import Item, manifest_rows, prompts_from_records
 from tests.evaluation_helpers import random_inception_weights
 
 CONFIG = Path(__file__).resolve().parents[1] / "experiments/configs/tiny/phantoms/mimic_cxr.yaml"
@@ -34,9 +35,9 @@ TINY_CLIP = {
 }
 
 
-def write_generated(records, out: Path) -> None:
+def write_generated(records, out: Path, split: str) -> None:
     """Two images per distinct prompt (its records' images, repeated when it has one), with the
-    manifest of `medsd sample`."""
+    manifest of `medsd sample`, recorded as prompted from `split`."""
     prompts = prompts_from_records(records)
     by_prompt = {}
     for record in records:
@@ -49,7 +50,8 @@ def write_generated(records, out: Path) -> None:
             images = by_prompt[prompt.text]
             shutil.copy(images[k % len(images)], out / item.path)
             items.append(item)
-    write_manifest(out, prompts, items)
+    write_manifest(out, manifest_rows(prompts, items))
+    (out / SETTINGS_FILE).write_text(json.dumps({"prompt_source": split_source(split, [])}))
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +59,9 @@ def evaluated(tmp_path_factory):
     root = tmp_path_factory.mktemp("phantom-eval")
     real = write_phantoms("mimic-cxr", 200, root / "real", seed=0, image_size=SIZE)
     fake = write_phantoms("mimic-cxr", 40, root / "fake", seed=1, image_size=SIZE)
-    write_generated(MIMICCXRDataModule(str(fake)).records("train"), root / "generated")
+    # Test prompts for FID and insertion, training prompts for augmentation (a stand-in draw each).
+    write_generated(MIMICCXRDataModule(str(fake)).records("train"), root / "generated", "test")
+    write_generated(MIMICCXRDataModule(str(fake)).records("train"), root / "generated-train", "train")
 
     inception = random_inception_weights(root / "inception.pth")
     torch.manual_seed(0)
@@ -70,10 +74,11 @@ def evaluated(tmp_path_factory):
     torch.save(open_clip.create_model("medsd-tiny-clip").state_dict(), root / "clip.pt")
 
     medsd(["evaluate", "--generated", str(root / "generated"), "--config", str(CONFIG),
+           "--augmentation-generated", str(root / "generated-train"),
            "--data.init_args.root", str(real), "--real-split", "test", "--size", str(SIZE),
            "--inception-weights", str(inception), "--xrv-weights-dir", str(root / "xrv"),
            "--clip-model", str(clip_config), "--clip-weights", str(root / "clip.pt"),
-           "--extractors", "clip", "inception", "xrv", "classifier",  # memorisation uses the first
+           "--extractors", "clip", "inception", "xrv", "classifier",
            "--classifier-labels", EFFUSION, "Cardiomegaly", "--classifier", "tiny",
            "--classifier-size", "64", "--classifier-epochs", "8",
            "--classifier-lr", "1e-3", "--bootstrap", "20"])  # fmt: skip
@@ -90,16 +95,24 @@ def rows(result, metric, **where) -> list[dict]:
 
 
 def test_every_metric_is_written_with_its_extractor_and_n(evaluated):
-    _, real, result = evaluated
-    assert result["skipped"] == {}
+    root, real, result = evaluated
+    # Per-finding distances need 10+ images with a finding on both sides: few here.
+    assert all(name.startswith("per-finding") for name in result["skipped"]), result["skipped"]
     n_test = len(MIMICCXRDataModule(str(real)).records("test"))
     for word in ("inception", "torchxrayvision", "open_clip", "domain-classifier tiny"):
         for metric in ("fid", "kid"):
             (row,) = [r for r in rows(result, metric) if word in r["extractor"]]
             assert row["n_real"] == n_test and row["n_generated"] > 0
-            assert row["ci_low"] <= row["ci_high"] and row["preprocessing"]
-    for metric in ("ms_ssim_intra_prompt", "ms_ssim_cross_prompt", "clip_score", "memorisation_share"):
+            assert row["ci_low"] <= row["ci_high"] and row["preprocessing"] and row["ci_method"]
+            assert row["protocol"] and row["weights"]
+    for metric in ("ms_ssim_intra_prompt", "ms_ssim_cross_prompt", "clip_score", "cmmd"):
         assert len(rows(result, metric)) == 1, metric
+    for metric in ("precision", "recall", "density", "coverage"):
+        assert len(rows(result, metric)) == 4, metric  # inception, torchxrayvision, open_clip, classifier
+    # The copying test in every extractor's features but the classifier's (trained on the training split).
+    copying = rows(result, "copying_nearest_is_train")
+    assert len(copying) == 3 and not any("classifier" in row["extractor"] for row in copying)
+    assert all((root / "generated" / "metrics" / row["closest_pairs"]).is_file() for row in copying)
     for run in ("real", "synthetic", "real+synthetic"):
         (auroc,) = rows(result, "augmentation_auroc", run=run, label="macro")
         assert auroc["ci_low"] <= auroc["ci_high"] and auroc["n_test"] == n_test
@@ -140,6 +153,30 @@ def test_clip_score_equals_a_hand_computation(evaluated):
     with torch.no_grad():
         image = torch.nn.functional.normalize(model.encode_image(extractor.preprocess(images)), dim=-1)
         text = torch.nn.functional.normalize(model.encode_text(tokenizer(list(manifest["prompt"]))), dim=-1)
-    expected = float(np.mean(100 * np.maximum((image * text).sum(dim=1).numpy(), 0)))
+    expected = max(float(np.mean(100 * (image * text).sum(dim=1).numpy())), 0.0)  # torchmetrics: clamp the mean
     (score,) = rows(result, "clip_score")
     assert score["value"] == pytest.approx(expected, rel=1e-4, abs=1e-4)
+
+
+def test_augmentation_refuses_test_prompted_images(evaluated):
+    """Asked for explicitly, the augmentation protocol on images rendered from the test reports stops
+    with the reason and what to sample instead; by default it is skipped with that reason."""
+    root, real, _ = evaluated
+    common = ["evaluate", "--generated", str(root / "generated"), "--config", str(CONFIG),
+              "--data.init_args.root", str(real), "--size", "64", "--extractors", "classifier",
+              "--classifier", "tiny", "--classifier-size", "32", "--classifier-epochs", "1", "--bootstrap", "0"]  # fmt: skip
+    with pytest.raises(SystemExit, match="prompted from the training split.*--split train"):
+        medsd([*common, "--protocols", "augmentation", "--out", str(root / "refused")])
+    medsd([*common, "--out", str(root / "default")])
+    result = json.loads((root / "default" / "metrics.json").read_text())
+    assert "prompted from the 'test' split" in result["skipped"]["augmentation protocol"]
+    assert rows(result, "insertion_detection_rate") and not rows(result, "augmentation_auroc")
+
+
+def test_insertion_refuses_training_prompted_images(evaluated):
+    root, real, _ = evaluated
+    with pytest.raises(SystemExit, match="insertion protocol .* same reports"):
+        medsd(["evaluate", "--generated", str(root / "generated-train"), "--config", str(CONFIG),
+               "--data.init_args.root", str(real), "--size", "64", "--extractors", "classifier",
+               "--classifier", "tiny", "--classifier-size", "32", "--classifier-epochs", "1",
+               "--bootstrap", "0", "--protocols", "insertion", "--out", str(root / "refused-insertion")])  # fmt: skip
