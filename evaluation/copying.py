@@ -41,6 +41,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from datamodules.atomic import write_atomically
 
+from .suite import load_uint8
+
 METHOD = (
     "exchangeability (permutation) test of the share of generated images whose nearest real image "
     "(training and held-out pooled) is a training image; held-out real images as the reference for "
@@ -240,9 +242,6 @@ def write_closest_pairs(
     (paths or PIL images) in the order of the feature rows; only the pairs' images are read.
     The grid is 2 * size wide and len(pairs) * (size + LABEL_HEIGHT) high.
     """
-    # Imported here: the suite imports this module, so a module-level import would be circular.
-    from .suite import load_uint8
-
     if len(pairs) == 0:
         raise ValueError("no pairs to draw")
     generated = load_uint8([generated_images[i] for i in pairs["generated"]], size)

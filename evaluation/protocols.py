@@ -11,8 +11,8 @@ distributions, because they ask a clinical question: does the image show what it
 
 Intervals (`resamples` > 0) are percentile bootstraps over what was scored: the synthetic images'
 prompts for insertion (a prompt's images together), the real test images for augmentation. The
-three augmentation runs are scored on the same resamples (a paired bootstrap), so the interval of a difference between runs is not
-widened by test-set noise that the runs share.
+three augmentation runs are scored on the same resamples (a paired bootstrap), so the interval of a
+difference between runs is not widened by test-set noise that the runs share.
 """
 
 from __future__ import annotations

@@ -35,8 +35,8 @@ def image_path(prompt_index: int, k: int) -> str:
     return f"images/{prompt_index:06d}_{k:02d}.png"
 
 
-def split_source(split: str, config_args: Sequence[str]) -> dict:
-    return {"split": split, "data": list(config_args)}
+def split_source(split: str, config_args: Sequence[str], max_prompts: int | None = None) -> dict:
+    return {"split": split, "data": list(config_args), "max_prompts": max_prompts}
 
 
 def file_source(path: str | Path) -> dict:

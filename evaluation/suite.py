@@ -79,7 +79,8 @@ class TensorFeatures:
 
 @dataclass
 class PathFeatures:
-    """An FID protocol's pipeline (`evaluation.fid_protocols`), which reads the image files itself."""
+    """An FID protocol's pipeline (`evaluation.fid_protocols`), which reads the images itself (clean-fid:
+    only files, which clean-fid opens)."""
 
     pipeline: object
 
@@ -88,7 +89,7 @@ class PathFeatures:
         return self.pipeline.label
 
     def features_of(self, images: ImageSet) -> np.ndarray:
-        if any(isinstance(p, Image.Image) for p in images.paths):
+        if self.label["protocol"] == "clean-fid" and any(isinstance(p, Image.Image) for p in images.paths):
             raise ValueError(
                 f"the {self.label['protocol']} protocol reads image files, and this dataset holds its "
                 "images in memory: use --fid-protocol torch-fidelity"

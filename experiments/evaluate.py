@@ -232,7 +232,7 @@ def tensorboard_tag(row: dict) -> str:
     return "/".join(["eval", *(str(p).replace(" ", "_") for p in parts if p)])
 
 
-def main(argv: list[str]) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medsd evaluate",
         description="Score generated images against real ones. Other arguments (--config FILE, "
@@ -312,6 +312,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--out", help="default: <generated>/metrics")
     parser.add_argument("--list-metrics", action="store_true", help="print the metrics and what each needs")
     parser.set_defaults(fid_images=None, fid_first_per_prompt=False)  # set by --fid-preset
+    return parser
+
+
+def main(argv: list[str]) -> None:
+    parser = build_parser()
     if "--list-metrics" in argv:
         for metric in registry():
             print(f"{metric.name}: {', '.join(metric.rows)}\n    needs {metric.needs}")

@@ -12,6 +12,8 @@
     exclude: [{strategy: lora, lr: 1.0e-3}]   # drop every cell matching all the given pairs
     include: [{strategy: lora, lr: 1.0e-3}]   # add cells back (or cells the product lacks)
     sample: {per-prompt: 4, steps: 50, split: test}   # `medsd sample` flags for every cell
+    augmentation_sample: {split: train, max-prompts: 500}   # optional second sample folder, prompted
+                                          # from the training split, for the augmentation protocol
     evaluate: {real-split: test, bootstrap: 200}        # `medsd evaluate` flags
     prepare:                              # `medsd` commands run once, before any cell
       - phantoms --layout mimic-cxr --n 400 --out {sweep}/data/mimic-cxr
@@ -36,7 +38,17 @@ from pathlib import Path
 
 import yaml
 
-TOP_LEVEL = {"name", "base", "axes", "include", "exclude", "sample", "evaluate", "prepare"}
+TOP_LEVEL = {
+    "name",
+    "base",
+    "axes",
+    "include",
+    "exclude",
+    "sample",
+    "augmentation_sample",
+    "evaluate",
+    "prepare",
+}
 
 
 @dataclass(frozen=True)
@@ -77,6 +89,7 @@ class Matrix:
     include: list[dict[str, str]]
     exclude: list[dict[str, str]]
     sample: dict
+    augmentation_sample: dict
     evaluate: dict
     prepare: list[list[str]]
 
@@ -102,6 +115,7 @@ class Matrix:
             include=[_rule(path, "include", rule, axes) for rule in spec.get("include") or []],
             exclude=[_rule(path, "exclude", rule, axes) for rule in spec.get("exclude") or []],
             sample=dict(spec.get("sample") or {}),
+            augmentation_sample=dict(spec.get("augmentation_sample") or {}),
             evaluate=dict(spec.get("evaluate") or {}),
             prepare=[
                 [arg.replace("{matrix}", str(folder.resolve())) for arg in shlex.split(command)]

@@ -457,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", action="append", default=[], help="run config whose dataset gives the prompts"
     )
     parser.add_argument("--split", default="test", choices=SPLITS, help="dataset split with --config")
+    parser.add_argument(
+        "--max-prompts", type=int, help="render only the split's first N distinct prompts (dataset order)"
+    )
     parser.add_argument("--per-prompt", type=int, default=1, help="images per prompt")
     parser.add_argument(
         "--seed", type=int, default=0, help="image k of prompt i gets seed SEED + i * PER_PROMPT + k"
@@ -509,10 +512,8 @@ def main(argv: list[str]) -> None:
     if args.prompts:
         prompts, prompt_source = prompts_from_file(args.prompts), file_source(args.prompts)
     else:
-        prompts, prompt_source = (
-            prompts_from_split(config_args, args.split),
-            split_source(args.split, config_args),
-        )
+        prompts = prompts_from_split(config_args, args.split)[: args.max_prompts]
+        prompt_source = split_source(args.split, config_args, args.max_prompts)
     source = args.source
     if args.checkpoint:
         source = str(checkpoint_export(args.source, args.checkpoint, args.world_size))

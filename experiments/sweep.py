@@ -9,7 +9,10 @@ Each cell (see `experiments.matrix`) gets a folder under `--out` (default `runs/
                           attempts and the error of a failure; always written atomically
     <cell>/run/           the fit's run folder: resolved config.yaml, checkpoints, export,
                           metrics.json with the cost
-    <cell>/samples/       `medsd sample` output; <cell>/metrics/ `medsd evaluate` output
+    <cell>/samples/       `medsd sample` output (the matrix's `sample` flags; the test prompts for
+                          FID and insertion); <cell>/samples-augmentation/ the same with the
+                          `augmentation_sample` flags (the training prompts the augmentation
+                          protocol needs), when the matrix has them; <cell>/metrics/ `medsd evaluate`
     <cell>/logs/<stage>.log
 
 Stages run as subprocesses (`python -m experiments.cli STAGE ...`), so a crashing cell cannot take
@@ -41,7 +44,7 @@ from .matrix import Cell, Matrix
 
 log = logging.getLogger(__name__)
 
-STAGES = ("fit", "sample", "evaluate")
+STAGES = ("fit", "sample", "sample-augmentation", "evaluate")
 STATES = ("pending", "running", "done", "failed")
 
 
@@ -51,6 +54,7 @@ class CellFolder:
     def __init__(self, root: Path, cell: Cell):
         self.cell, self.path = cell, root / cell.name
         self.run, self.samples, self.metrics = self.path / "run", self.path / "samples", self.path / "metrics"
+        self.augmentation_samples = self.path / "samples-augmentation"
 
     def status(self) -> dict:
         path = self.path / "status.json"
@@ -91,15 +95,27 @@ def stage_args(matrix: Matrix, folder: CellFolder, stage: str) -> list[str]:
         args = ["fit", *folder.cell.fit_args, "--trainer.default_root_dir", str(folder.run)]
         last = folder.run / "checkpoints" / "last.ckpt"
         return args + (["--ckpt_path", str(last)] if last.is_file() else [])
-    if stage == "sample":
-        options = dict(matrix.sample)
+    if stage in ("sample", "sample-augmentation"):
+        options = dict(matrix.sample if stage == "sample" else matrix.augmentation_sample)
+        out = folder.samples if stage == "sample" else folder.augmentation_samples
         if "prompts" in options:  # a prompt file, relative to the matrix
             options["prompts"] = str((matrix.path.parent / options["prompts"]).resolve())
         else:  # prompts from a split of the cell's own dataset
             options["config"] = config[1]
-        return ["sample", str(folder.run), "--out", str(folder.samples), *flags(options)]
-    return ["evaluate", "--generated", str(folder.samples), "--out", str(folder.metrics), *config,
-            *flags(matrix.evaluate)]  # fmt: skip
+        return ["sample", str(folder.run), "--out", str(out), *flags(options)]
+    augmentation = (
+        ["--augmentation-generated", str(folder.augmentation_samples)] if matrix.augmentation_sample else []
+    )
+    return [
+        "evaluate",
+        "--generated",
+        str(folder.samples),
+        "--out",
+        str(folder.metrics),
+        *config,
+        *augmentation,
+        *flags(matrix.evaluate),
+    ]
 
 
 def in_sweep(args: list[str], out: Path) -> list[str]:
@@ -140,6 +156,9 @@ def run_cell(
     folder.write_plan()
     attempts = status.get("attempts", 0) + 1
     for stage in folder.remaining_stages():
+        if stage == "sample-augmentation" and not matrix.augmentation_sample:
+            folder.write_status(stage=stage)
+            continue
         folder.write_status(state="running", running=stage, attempts=attempts, error=None)
         if on_stage is not None:
             on_stage(stage)

@@ -73,15 +73,49 @@ def evaluated(tmp_path_factory):
     open_clip.add_model_config(clip_config)
     torch.save(open_clip.create_model("medsd-tiny-clip").state_dict(), root / "clip.pt")
 
-    medsd(["evaluate", "--generated", str(root / "generated"), "--config", str(CONFIG),
-           "--augmentation-generated", str(root / "generated-train"),
-           "--data.init_args.root", str(real), "--real-split", "test", "--size", str(SIZE),
-           "--inception-weights", str(inception), "--xrv-weights-dir", str(root / "xrv"),
-           "--clip-model", str(clip_config), "--clip-weights", str(root / "clip.pt"),
-           "--extractors", "clip", "inception", "xrv", "classifier",
-           "--classifier-labels", EFFUSION, "Cardiomegaly", "--classifier", "tiny",
-           "--classifier-size", "64", "--classifier-epochs", "8",
-           "--classifier-lr", "1e-3", "--bootstrap", "20"])  # fmt: skip
+    medsd(
+        [
+            "evaluate",
+            "--generated",
+            str(root / "generated"),
+            "--config",
+            str(CONFIG),
+            "--augmentation-generated",
+            str(root / "generated-train"),
+            "--data.init_args.root",
+            str(real),
+            "--real-split",
+            "test",
+            "--size",
+            str(SIZE),
+            "--inception-weights",
+            str(inception),
+            "--xrv-weights-dir",
+            str(root / "xrv"),
+            "--clip-model",
+            str(clip_config),
+            "--clip-weights",
+            str(root / "clip.pt"),
+            "--extractors",
+            "clip",
+            "inception",
+            "xrv",
+            "classifier",
+            "--classifier-labels",
+            EFFUSION,
+            "Cardiomegaly",
+            "--classifier",
+            "tiny",
+            "--classifier-size",
+            "64",
+            "--classifier-epochs",
+            "8",
+            "--classifier-lr",
+            "1e-3",
+            "--bootstrap",
+            "20",
+        ]
+    )
     out = root / "generated" / "metrics"
     return root, real, json.loads((out / "metrics.json").read_text())
 
@@ -153,7 +187,8 @@ def test_clip_score_equals_a_hand_computation(evaluated):
     with torch.no_grad():
         image = torch.nn.functional.normalize(model.encode_image(extractor.preprocess(images)), dim=-1)
         text = torch.nn.functional.normalize(model.encode_text(tokenizer(list(manifest["prompt"]))), dim=-1)
-    expected = max(float(np.mean(100 * (image * text).sum(dim=1).numpy())), 0.0)  # torchmetrics: clamp the mean
+    # torchmetrics' CLIPScore clamps the mean at 0, not each cosine.
+    expected = max(float(np.mean(100 * (image * text).sum(dim=1).numpy())), 0.0)
     (score,) = rows(result, "clip_score")
     assert score["value"] == pytest.approx(expected, rel=1e-4, abs=1e-4)
 
@@ -162,9 +197,27 @@ def test_augmentation_refuses_test_prompted_images(evaluated):
     """Asked for explicitly, the augmentation protocol on images rendered from the test reports stops
     with the reason and what to sample instead; by default it is skipped with that reason."""
     root, real, _ = evaluated
-    common = ["evaluate", "--generated", str(root / "generated"), "--config", str(CONFIG),
-              "--data.init_args.root", str(real), "--size", "64", "--extractors", "classifier",
-              "--classifier", "tiny", "--classifier-size", "32", "--classifier-epochs", "1", "--bootstrap", "0"]  # fmt: skip
+    common = [
+        "evaluate",
+        "--generated",
+        str(root / "generated"),
+        "--config",
+        str(CONFIG),
+        "--data.init_args.root",
+        str(real),
+        "--size",
+        "64",
+        "--extractors",
+        "classifier",
+        "--classifier",
+        "tiny",
+        "--classifier-size",
+        "32",
+        "--classifier-epochs",
+        "1",
+        "--bootstrap",
+        "0",
+    ]
     with pytest.raises(SystemExit, match="prompted from the training split.*--split train"):
         medsd([*common, "--protocols", "augmentation", "--out", str(root / "refused")])
     medsd([*common, "--out", str(root / "default")])
@@ -176,7 +229,30 @@ def test_augmentation_refuses_test_prompted_images(evaluated):
 def test_insertion_refuses_training_prompted_images(evaluated):
     root, real, _ = evaluated
     with pytest.raises(SystemExit, match="insertion protocol .* same reports"):
-        medsd(["evaluate", "--generated", str(root / "generated-train"), "--config", str(CONFIG),
-               "--data.init_args.root", str(real), "--size", "64", "--extractors", "classifier",
-               "--classifier", "tiny", "--classifier-size", "32", "--classifier-epochs", "1",
-               "--bootstrap", "0", "--protocols", "insertion", "--out", str(root / "refused-insertion")])  # fmt: skip
+        medsd(
+            [
+                "evaluate",
+                "--generated",
+                str(root / "generated-train"),
+                "--config",
+                str(CONFIG),
+                "--data.init_args.root",
+                str(real),
+                "--size",
+                "64",
+                "--extractors",
+                "classifier",
+                "--classifier",
+                "tiny",
+                "--classifier-size",
+                "32",
+                "--classifier-epochs",
+                "1",
+                "--bootstrap",
+                "0",
+                "--protocols",
+                "insertion",
+                "--out",
+                str(root / "refused-insertion"),
+            ]
+        )

@@ -38,13 +38,20 @@ def compute(context: EvaluationContext) -> list[dict]:
         if resamples
         else (None, None)
     )
-    return [{
-        "metric": "clip_score", "value": score_of(cosines), "ci_low": low, "ci_high": high,
-        "ci_method": interval_method("images", groups, resamples) if resamples else None,
-        "protocol": "CLIPScore as torchmetrics: max(mean over images of 100 cos(image, prompt), 0)",
-        "prompts": len(unique), "prompts_at_context_limit": at_limit,
-        **context.clip.label, "n_generated": len(cosines),
-    }]  # fmt: skip
+    return [
+        {
+            "metric": "clip_score",
+            "value": score_of(cosines),
+            "ci_low": low,
+            "ci_high": high,
+            "ci_method": interval_method("images", groups, resamples) if resamples else None,
+            "protocol": "CLIPScore as torchmetrics: max(mean over images of 100 cos(image, prompt), 0)",
+            "prompts": len(unique),
+            "prompts_at_context_limit": at_limit,
+            **context.clip.label,
+            "n_generated": len(cosines),
+        }
+    ]
 
 
 METRIC = Metric(

@@ -45,7 +45,7 @@ def refusal(context: EvaluationContext, protocol: str, generated: Generated, fol
             f"the augmentation protocol trains classifiers on synthetic images and tests them on the real "
             f"'{args.real_split}' split, so its synthetic images must be prompted from the training split; "
             f"{folder} was prompted from {origin}. Sample the training prompts (medsd sample ... --split "
-            f"{args.train_split}) and pass that folder with --augmentation-generated"
+            f"{args.train_split or 'train'}) and pass that folder with --augmentation-generated"
         )
     if protocol == "insertion" and split is not None and split == args.train_split:
         return (
@@ -59,8 +59,10 @@ def refusal(context: EvaluationContext, protocol: str, generated: Generated, fol
 def chosen_protocols(context: EvaluationContext) -> list[str]:
     """The protocols that may run; an explicitly requested one that may not raises LeakageError."""
     explicit = context.args.protocols is not None
-    sets = {"insertion": (context.generated, context.args.generated),
-            "augmentation": augmentation_set(context)}  # fmt: skip
+    sets = {
+        "insertion": (context.generated, context.args.generated),
+        "augmentation": augmentation_set(context),
+    }
     chosen = []
     for protocol in context.args.protocols if explicit else PROTOCOLS:
         reason = refusal(context, protocol, *sets[protocol])
@@ -95,8 +97,11 @@ def labelled_synthetic(
     images = LabelledImages([generated.paths[i] for i in rows], stated[labelled], manifest_names).select(
         names
     )
-    counts = {"n_generated_labelled": len(rows), "n_generated_unlabelled": int((~labelled).sum()),
-              "conflicting_label_values": conflicts}  # fmt: skip
+    counts = {
+        "n_generated_labelled": len(rows),
+        "n_generated_unlabelled": int((~labelled).sum()),
+        "conflicting_label_values": conflicts,
+    }
     return images, generated.groups(rows), counts
 
 
@@ -115,8 +120,9 @@ def compute(context: EvaluationContext) -> list[dict]:
     if "insertion" in protocols:
         synthetic, groups, counts = labelled_synthetic(context.generated, names)
         findings = list(args.findings) if args.findings else stated_present(synthetic)
-        insertion = abnormality_insertion(classifier, synthetic.images, synthetic.labels, names, findings,
-                                          args.bootstrap, groups=groups)  # fmt: skip
+        insertion = abnormality_insertion(
+            classifier, synthetic.images, synthetic.labels, names, findings, args.bootstrap, groups=groups
+        )
         reports["insertion"] = {**insertion, **counts, "prompt_split": context.generated.prompt_split}
         rows += insertion_rows(insertion, {**label, "n_generated": len(synthetic)}, args.bootstrap)
     if "augmentation" in protocols:
@@ -127,10 +133,15 @@ def compute(context: EvaluationContext) -> list[dict]:
             if settings.threshold == "validation"
             else None
         )
-        augmentation = augmentation_protocol(real_train, synthetic, real_test, settings, validation, names,
-                                             classifier, args.bootstrap)  # fmt: skip
-        reports["augmentation"] = {**augmentation, **counts, "generated": str(folder),
-                                   "prompt_split": generated.prompt_split}  # fmt: skip
+        augmentation = augmentation_protocol(
+            real_train, synthetic, real_test, settings, validation, names, classifier, args.bootstrap
+        )
+        reports["augmentation"] = {
+            **augmentation,
+            **counts,
+            "generated": str(folder),
+            "prompt_split": generated.prompt_split,
+        }
         rows += augmentation_rows(augmentation, {**label, "n_generated": len(synthetic)}, args.bootstrap)
     context.reports["classifier_protocols"] = reports
     return rows
@@ -157,10 +168,20 @@ def insertion_rows(report: dict, label: dict, resamples: int) -> list[dict]:
             if result[rate] is None:
                 continue
             low, high = result.get(f"{rate}_ci", (None, None))
-            rows.append({"metric": f"insertion_{rate}", "label": finding, "value": result[rate],
-                         "ci_low": low, "ci_high": high, "ci_method": method,
-                         "n_scored": result[f"n_{group}"], "n_uniform": result[f"n_uniform_{group}"],
-                         "threshold": result["threshold"], **label})  # fmt: skip
+            rows.append(
+                {
+                    "metric": f"insertion_{rate}",
+                    "label": finding,
+                    "value": result[rate],
+                    "ci_low": low,
+                    "ci_high": high,
+                    "ci_method": method,
+                    "n_scored": result[f"n_{group}"],
+                    "n_uniform": result[f"n_uniform_{group}"],
+                    "threshold": result["threshold"],
+                    **label,
+                }
+            )
     return rows
 
 
@@ -182,8 +203,17 @@ def augmentation_rows(report: dict, label: dict, resamples: int) -> list[dict]:
                 if value is None:
                     continue
                 low, high = ci.get(key, {}).get(metric, (None, None))
-                rows.append({"metric": f"augmentation_{metric}", "label": label_name, "value": float(value),
-                             "ci_low": low, "ci_high": high, "ci_method": method, **common})  # fmt: skip
+                rows.append(
+                    {
+                        "metric": f"augmentation_{metric}",
+                        "label": label_name,
+                        "value": float(value),
+                        "ci_low": low,
+                        "ci_high": high,
+                        "ci_method": method,
+                        **common,
+                    }
+                )
     return rows
 
 
@@ -195,7 +225,7 @@ METRIC = Metric(
         "insertion_false_positive_rate",
         "augmentation_accuracy",
         "augmentation_auroc",
-    ),  # fmt: skip
+    ),
     plotted=("insertion_detection_rate", "insertion_false_positive_rate", "augmentation_auroc"),
     compute=compute,
 )

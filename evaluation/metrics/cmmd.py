@@ -12,9 +12,17 @@ from .context import EvaluationContext
 
 def compute(context: EvaluationContext) -> list[dict]:
     value = cmmd(context.clip_features("real"), context.clip_features("generated"))
-    return [{"metric": "cmmd", "value": value, "sigma": 10.0, "scale": 1000.0,
-             "protocol": "CMMD (Jayasumana et al. 2024): biased MMD^2 x 1000, Gaussian kernel sigma 10",
-             **context.clip.label, **context.counts()}]  # fmt: skip
+    return [
+        {
+            "metric": "cmmd",
+            "value": value,
+            "sigma": 10.0,
+            "scale": 1000.0,
+            "protocol": "CMMD (Jayasumana et al. 2024): biased MMD^2 x 1000, Gaussian kernel sigma 10",
+            **context.clip.label,
+            **context.counts(),
+        }
+    ]
 
 
 METRIC = Metric(

@@ -39,13 +39,24 @@ def compute(context: EvaluationContext, source: str) -> list[dict]:
             train.paths,
             folder / f"{source}-closest-pairs.png",
         )
-        files = {"nearest_table": str(table_path.relative_to(context.artefacts)),
-                 "closest_pairs": str(grid.relative_to(context.artefacts))}  # fmt: skip
+        files = {
+            "nearest_table": str(table_path.relative_to(context.artefacts)),
+            "closest_pairs": str(grid.relative_to(context.artefacts)),
+        }
     statistic = report.pop("statistic")
     report["distance"] = report.pop("metric")  # "metric" names the row
-    return [{"metric": "copying_nearest_is_train", "value": statistic, "protocol": report.pop("method"),
-             **report, **files, **context.sources[source].label,
-             "n_train": len(train), "n_real": len(context.images("real"))}]  # fmt: skip
+    return [
+        {
+            "metric": "copying_nearest_is_train",
+            "value": statistic,
+            "protocol": report.pop("method"),
+            **report,
+            **files,
+            **context.sources[source].label,
+            "n_train": len(train),
+            "n_real": len(context.images("real")),
+        }
+    ]
 
 
 def sources(context: EvaluationContext) -> list[str]:

@@ -41,12 +41,26 @@ def fid_kid_rows(
         kid_ci = kid_bootstrap_ci(real, fake, resamples=resamples, seed=seed, groups=fake_groups)
     counts = {"n_real": len(real), "n_generated": len(fake)}
     return [
-        {"metric": "fid", "value": fid, "ci_low": fid_ci[0], "ci_high": fid_ci[1],
-         "ci_method": fid_method, **label, **counts},
-        {"metric": "kid", "value": kid, "std": kid_std, "ci_low": kid_ci[0], "ci_high": kid_ci[1],
-         "ci_method": interval_method("generated images", fake_groups, resamples) if resamples else None,
-         **label, **counts},
-    ]  # fmt: skip
+        {
+            "metric": "fid",
+            "value": fid,
+            "ci_low": fid_ci[0],
+            "ci_high": fid_ci[1],
+            "ci_method": fid_method,
+            **label,
+            **counts,
+        },
+        {
+            "metric": "kid",
+            "value": kid,
+            "std": kid_std,
+            "ci_low": kid_ci[0],
+            "ci_high": kid_ci[1],
+            "ci_method": interval_method("generated images", fake_groups, resamples) if resamples else None,
+            **label,
+            **counts,
+        },
+    ]
 
 
 def compute(context: EvaluationContext, source: str) -> list[dict]:

@@ -25,8 +25,14 @@ def compute(context: EvaluationContext, source: str) -> list[dict]:
             continue
         label = {**context.sources[source].label, "label": finding}
         groups = context.generated.groups(fake_rows)
-        pairs = fid_kid_rows(real_features[real_rows], fake_features[fake_rows], context.args.bootstrap,
-                             context.args.seed, groups, label)  # fmt: skip
+        pairs = fid_kid_rows(
+            real_features[real_rows],
+            fake_features[fake_rows],
+            context.args.bootstrap,
+            context.args.seed,
+            groups,
+            label,
+        )
         rows += [{**row, "metric": f"{row['metric']}_per_finding"} for row in pairs]
     if not rows:
         raise NotApplicable(
