@@ -1,4 +1,4 @@
-"""Image feature extractors for FID / KID, memorisation and prompt alignment.
+"""Image feature extractors for FID / KID, the copying test and prompt alignment.
 
 Every extractor takes 8-bit RGB images as a uint8 tensor [B, 3, H, W] and returns float64
 features [B, D], and carries a `label` saying what it is (network, weights, preprocessing), so

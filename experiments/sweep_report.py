@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from datamodules.atomic import write_atomically
+from evaluation.metrics import registry
 
 from .evaluate import markdown_table
 from .matrix import Matrix, slug
@@ -118,12 +119,15 @@ def write_report(matrix: Matrix, folders: list, out: Path) -> Path:
 
 
 def plotted(long: pd.DataFrame) -> pd.DataFrame:
-    """The numbers worth a bar chart: feature metrics and MS-SSIM (no label), insertion rates per
-    finding, and the synthetic and real+synthetic augmentation runs' macro AUROC."""
+    """The numbers worth a bar chart, as the metric registry names them (`Metric.plotted`): those
+    without a label, insertion rates per finding, and the synthetic and real+synthetic
+    augmentation runs' macro AUROC."""
+    names = {name for metric in registry() for name in metric.plotted}
     metric, label, run = long["metric"], long["label"], long["run"].astype(object).fillna("")
-    plain = metric.isin(["fid", "kid", "clip_score", "ms_ssim_intra_prompt"]) & label.isna()
-    insertion = metric.str.startswith("insertion_", na=False)
-    augmentation = (metric == "augmentation_auroc") & (label == "macro") & (run != "real")
+    chosen = metric.isin(names)
+    plain = chosen & label.isna()
+    insertion = chosen & metric.str.startswith("insertion_", na=False)
+    augmentation = chosen & (metric == "augmentation_auroc") & (label == "macro") & (run != "real")
     return long[plain | insertion | augmentation]
 
 

@@ -57,7 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def fit(module: L.LightningModule, data: MIMICCXRDataModule, root: Path, steps: int, minutes: float) -> None:
-    """Train on CPU without validation or checkpoints; the module exports to `root/export`."""
+    """Train on CPU without validation or checkpoints; the module exports to `root/export`. The
+    U-Net's gradients are clipped at norm 1; the VAE's are not: its loss is summed over pixels (as
+    Stable Diffusion's), so a norm of 1 would clip every step."""
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=steps,
@@ -68,7 +70,7 @@ def fit(module: L.LightningModule, data: MIMICCXRDataModule, root: Path, steps: 
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
-        gradient_clip_val=1.0,
+        gradient_clip_val=None if isinstance(module, VAETraining) else 1.0,
     )
     trainer.fit(module, datamodule=data)
     print(f"  {type(module).__name__}: {trainer.global_step} steps")
