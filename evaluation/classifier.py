@@ -118,6 +118,7 @@ def describe(settings: ClassifierSettings, n_train: int, n_test: int) -> dict:
         "protocol": "classifier protocols (Chambon et al. 2022 insertion; RoentGen augmentation)",
         "extractor": f"classifier {settings.arch} ({start}, {settings.epochs} epochs, seed {settings.seed})",
         "classifier_start": start,
+        "weights": settings.pretrained_weights or "random init",
         "preprocessing": f"grayscale, shorter side to {settings.image_size}, centre crop, "
         + ("scaled to [-1024, 1024]" if settings.arch == "xrv-densenet121" else "ImageNet mean/std"),
         "n_real": n_train,

@@ -73,7 +73,9 @@ def test_inception_fid_equals_torch_fidelity(evaluated):
     assert kid["value"] == pytest.approx(reference["kernel_inception_distance_mean"], rel=1e-3, abs=1e-6)
     assert kid["ci_low"] <= kid["ci_high"] and "over prompts" in kid["ci_method"]
     for row in result["metrics"]:
-        assert row.get("protocol") and row.get("n_generated"), row
+        assert all(
+            row.get(key) for key in ("protocol", "extractor", "weights", "preprocessing", "n_generated")
+        ), row
 
 
 def test_missing_weights_skip_only_their_metrics(evaluated):
