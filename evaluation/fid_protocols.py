@@ -116,7 +116,7 @@ class TorchFidelityProtocol(ProtocolFeatures):
         }
 
     def features(self, paths: Sequence[ImagePath]) -> np.ndarray:
-        from .suite import extract, load_uint8  # here: the suite may import this module
+        from .suite import load_uint8  # here: the suite may import this module
 
         batches, shapes = [], set()
         for batch in _batches(list(paths), self.batch_size):
@@ -124,8 +124,15 @@ class TorchFidelityProtocol(ProtocolFeatures):
             shapes.add(tuple(images.shape[1:]))
             if len(shapes) > 1:
                 raise ValueError(f"images of different sizes {sorted(shapes)}: give a common size")
-            batches.append(extract(self.extractor, images, self.batch_size))
+            batches.append(self.features_of_uint8(images))
         return _stacked(batches)
+
+    def features_of_uint8(self, images: torch.Tensor) -> np.ndarray:
+        """The features of images already read as `load_uint8(paths, size)` reads them (an
+        evaluation's shared image set, so the files are not decoded again)."""
+        from .suite import extract
+
+        return extract(self.extractor, images, self.batch_size).astype(np.float64)
 
 
 class CleanFIDProtocol(ProtocolFeatures):
@@ -181,9 +188,15 @@ class TorchmetricsProtocol(ProtocolFeatures):
     def features(self, paths: Sequence[ImagePath]) -> np.ndarray:
         from .suite import load_uint8
 
+        return _stacked([self.features_of_uint8(load_uint8(batch, self.size))
+                         for batch in _batches(list(paths), self.batch_size)])  # fmt: skip
+
+    @torch.no_grad()
+    def features_of_uint8(self, images: torch.Tensor) -> np.ndarray:
+        """The features of images already read as `load_uint8(paths, size)` reads them."""
         batches = []
-        for batch in _batches(list(paths), self.batch_size):
-            features = self.metric.inception(load_uint8(batch, self.size).to(self.metric.device)).double()
+        for batch in _batches(images, self.batch_size):
+            features = self.metric.inception(batch.to(self.metric.device)).double()
             batches.append((features.unsqueeze(0) if features.dim() == 1 else features).cpu().numpy())
         return _stacked(batches)
 

@@ -79,8 +79,9 @@ class TensorFeatures:
 
 @dataclass
 class PathFeatures:
-    """An FID protocol's pipeline (`evaluation.fid_protocols`), which reads the images itself (clean-fid:
-    only files, which clean-fid opens)."""
+    """An FID protocol's pipeline (`evaluation.fid_protocols`). Those that read images as medsd does
+    (torch-fidelity, torchmetrics: `features_of_uint8`) take the set's loaded images, so the files
+    are decoded once per evaluation; clean-fid opens the files itself."""
 
     pipeline: object
 
@@ -89,9 +90,12 @@ class PathFeatures:
         return self.pipeline.label
 
     def features_of(self, images: ImageSet) -> np.ndarray:
-        if self.label["protocol"] == "clean-fid" and any(isinstance(p, Image.Image) for p in images.paths):
+        reads_uint8 = getattr(self.pipeline, "features_of_uint8", None)
+        if reads_uint8 is not None:
+            return reads_uint8(images.uint8())
+        if any(isinstance(p, Image.Image) for p in images.paths):
             raise ValueError(
-                f"the {self.label['protocol']} protocol reads image files, and this dataset holds its "
+                f"the {self.label['protocol']} protocol reads image files itself, and this dataset holds its "
                 "images in memory: use --fid-protocol torch-fidelity"
             )
         return self.pipeline.features(images.paths)

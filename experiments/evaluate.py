@@ -42,10 +42,11 @@ PRESETS = {"roentgen": {"fid_protocol": "clean-fid", "extractors": ["inception",
                         "fid_images": ROENTGEN_IMAGES, "fid_first_per_prompt": True}}  # fmt: skip
 
 
-def build_sources(args) -> tuple[dict, CLIPFeatures | None, dict]:
+def build_sources(args, size: int) -> tuple[dict, CLIPFeatures | None, dict]:
     """Name -> feature source for the extractors whose weights are on disk, the CLIP model for
-    prompt alignment, and name -> reason for the extractors that could not be loaded."""
-    protocol, size = args.fid_protocol, args.size
+    prompt alignment, and name -> reason for the extractors that could not be loaded. `size`: the
+    evaluation's common resolution, which the protocols that read images as medsd does state."""
+    protocol = args.fid_protocol
 
     def protocol_source(extractor: str, **options):
         if protocol != "clean-fid":
@@ -145,26 +146,22 @@ def evaluate(args, config_args: list[str]) -> dict:
         setattr(args, key, value)
     generated = Generated.from_folder(args.generated)
     augmentation = Generated.from_folder(args.augmentation_generated) if args.augmentation_generated else None
-    size = args.size or native_size(generated)
-    sources, clip, skipped = build_sources(args)
     context = EvaluationContext(
         generated=generated,
         data=RealData(args.real_folder, args.real_split, config_args),
         args=args,
-        sources=sources,
+        sources={},
         classifier_settings=classifier_settings(args),
-        clip=clip,
-        size=size,
         cache_dir=Path(args.stats_cache) if args.stats_cache else None,
         artefacts=Path(args.out),
         augmentation_generated=augmentation,
-        skipped=skipped,
     )
+    context.sources, context.clip, context.skipped = build_sources(args, context.size)
     if "classifier" in args.extractors:
         context.sources["classifier"] = ClassifierFeatures(context)
     rows = run_all(context)
     return {
-        "size": size,
+        "size": context.size,
         "real_split": args.real_folder or args.real_split,
         "generated_prompt_split": generated.prompt_split,
         "fid_protocol": args.fid_protocol,
@@ -173,14 +170,6 @@ def evaluate(args, config_args: list[str]) -> dict:
         "classifier_protocols": context.reports.get("classifier_protocols", {}),
         "skipped": context.skipped,
     }
-
-
-def native_size(generated: Generated) -> int:
-    """The generated images' side (the common resolution when --size is not given)."""
-    from PIL import Image
-
-    with Image.open(generated.paths[0]) as image:
-        return image.width
 
 
 def write_text_atomically(path: Path, text: str) -> None:

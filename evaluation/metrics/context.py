@@ -56,7 +56,6 @@ class EvaluationContext:
     sources: dict[str, FeatureSource]
     classifier_settings: ClassifierSettings | None = None
     clip: CLIPFeatures | None = None
-    size: int | None = None
     cache_dir: Path | None = None
     artefacts: Path | None = None  # where metrics write files beside metrics.json (tables, grids)
     augmentation_generated: Generated | None = None
@@ -74,11 +73,17 @@ class EvaluationContext:
             raise ValueError(f"unknown image set {which!r}: one of {SETS}")
         if which not in self._sets:
             if which == "generated":
-                self._sets[which] = ImageSet(list(self.generated.paths), self.size)
+                self._sets[which] = ImageSet(list(self.generated.paths), self.args.size)
             else:
                 split = self.args.real_split if which == "real" else self.require_train_split()
                 self._sets[which] = ImageSet(self.data.paths(split), self.size, self.cache_dir)
         return self._sets[which]
+
+    @property
+    def size(self) -> int:
+        """The common resolution: --size, else the generated images' own (one size: a mix is refused),
+        to which the real images are resized."""
+        return self.args.size or self.images("generated").uint8().shape[-1]
 
     def features(self, source: str, which: str) -> np.ndarray:
         return self.images(which).features(self.sources[source])
