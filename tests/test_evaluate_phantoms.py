@@ -23,16 +23,11 @@ from evaluation.sample_folder import SETTINGS_FILE, split_source, write_manifest
 from evaluation.suite import load_uint8
 from experiments.cli import main as medsd
 from experiments.sample import Item, manifest_rows, prompts_from_records
-from tests.evaluation_helpers import random_inception_weights
+from tests.evaluation_helpers import random_inception_weights, tiny_open_clip
 
 CONFIG = Path(__file__).resolve().parents[1] / "experiments/configs/tiny/phantoms/mimic_cxr.yaml"
 SIZE = 176  # MS-SSIM's five scales need more than 160 px
 EFFUSION = "Pleural Effusion"
-TINY_CLIP = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
 
 
 def write_generated(records, out: Path, split: str) -> None:
@@ -68,10 +63,8 @@ def evaluated(tmp_path_factory):
     (root / "xrv").mkdir()
     weight_file = Path(xrv.models.model_urls[XRV_WEIGHTS]["weights_url"]).name
     torch.save(xrv.models.DenseNet(weights=None), root / "xrv" / weight_file)
-    clip_config = root / "medsd-tiny-clip.json"
-    clip_config.write_text(json.dumps(TINY_CLIP))
-    open_clip.add_model_config(clip_config)
-    torch.save(open_clip.create_model("medsd-tiny-clip").state_dict(), root / "clip.pt")
+    clip_config, clip = tiny_open_clip(root, "medsd-tiny-clip")
+    torch.save(clip.state_dict(), root / "clip.pt")
 
     medsd(
         [
@@ -193,34 +186,25 @@ def test_clip_score_equals_a_hand_computation(evaluated):
     assert score["value"] == pytest.approx(expected, rel=1e-4, abs=1e-4)
 
 
+def classifier_only(root: Path, real: Path, generated: str, *extra: str) -> list[str]:
+    """A quick `medsd evaluate` of one sample folder with the classifier protocols alone."""
+    return ["evaluate", "--generated", str(root / generated), "--config", str(CONFIG),
+            "--data.init_args.root", str(real), "--size", "64", "--extractors", "classifier",
+            "--classifier", "tiny", "--classifier-size", "32", "--classifier-epochs", "1",
+            "--bootstrap", "0", *extra]  # fmt: skip
+
+
 def test_augmentation_refuses_test_prompted_images(evaluated):
     """Asked for explicitly, the augmentation protocol on images rendered from the test reports stops
     with the reason and what to sample instead; by default it is skipped with that reason."""
     root, real, _ = evaluated
-    common = [
-        "evaluate",
-        "--generated",
-        str(root / "generated"),
-        "--config",
-        str(CONFIG),
-        "--data.init_args.root",
-        str(real),
-        "--size",
-        "64",
-        "--extractors",
-        "classifier",
-        "--classifier",
-        "tiny",
-        "--classifier-size",
-        "32",
-        "--classifier-epochs",
-        "1",
-        "--bootstrap",
-        "0",
-    ]
     with pytest.raises(SystemExit, match="prompted from the training split.*--split train"):
-        medsd([*common, "--protocols", "augmentation", "--out", str(root / "refused")])
-    medsd([*common, "--out", str(root / "default")])
+        medsd(
+            classifier_only(
+                root, real, "generated", "--protocols", "augmentation", "--out", str(root / "refused")
+            )
+        )
+    medsd(classifier_only(root, real, "generated", "--out", str(root / "default")))
     result = json.loads((root / "default" / "metrics.json").read_text())
     assert "prompted from the 'test' split" in result["skipped"]["augmentation protocol"]
     assert rows(result, "insertion_detection_rate") and not rows(result, "augmentation_auroc")
@@ -228,31 +212,6 @@ def test_augmentation_refuses_test_prompted_images(evaluated):
 
 def test_insertion_refuses_training_prompted_images(evaluated):
     root, real, _ = evaluated
+    out = str(root / "refused-insertion")
     with pytest.raises(SystemExit, match="insertion protocol .* same reports"):
-        medsd(
-            [
-                "evaluate",
-                "--generated",
-                str(root / "generated-train"),
-                "--config",
-                str(CONFIG),
-                "--data.init_args.root",
-                str(real),
-                "--size",
-                "64",
-                "--extractors",
-                "classifier",
-                "--classifier",
-                "tiny",
-                "--classifier-size",
-                "32",
-                "--classifier-epochs",
-                "1",
-                "--bootstrap",
-                "0",
-                "--protocols",
-                "insertion",
-                "--out",
-                str(root / "refused-insertion"),
-            ]
-        )
+        medsd(classifier_only(root, real, "generated-train", "--protocols", "insertion", "--out", out))

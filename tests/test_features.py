@@ -1,7 +1,5 @@
 """Feature extractors: the preprocessing each states, on models built offline."""
 
-import json
-
 import numpy as np
 import open_clip
 import pytest
@@ -9,7 +7,7 @@ import torch
 import torchxrayvision as xrv
 
 from evaluation.features import CLIPFeatures, InceptionFeatures, MissingWeightsError, XRVFeatures
-from tests.evaluation_helpers import random_inception_weights
+from tests.evaluation_helpers import random_inception_weights, tiny_open_clip
 
 
 def images(n: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -52,15 +50,7 @@ def test_xrv_features_use_torchxrayvision_normalisation():
 
 
 def test_clip_features_are_normalised_embeddings(tmp_path):
-    config = {
-        "embed_dim": 16,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    }
-    (tmp_path / "medsd-tiny-clip.json").write_text(json.dumps(config))
-    open_clip.add_model_config(tmp_path / "medsd-tiny-clip.json")
-    torch.manual_seed(0)
-    model = open_clip.create_model("medsd-tiny-clip")
+    _, model = tiny_open_clip(tmp_path, "medsd-tiny-clip")
     ours = CLIPFeatures("medsd-tiny-clip", model=model)
     x = images(3, 32)
     feats = ours(x)

@@ -6,7 +6,6 @@ library's, whatever the weights.
 """
 
 import copy
-import json
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ from evaluation.fid_protocols import (
 )
 from evaluation.statistics import FeatureStatistics, frechet_distance
 from evaluation.suite import load_uint8
-from tests.evaluation_helpers import random_inception_weights
+from tests.evaluation_helpers import random_inception_weights, tiny_open_clip
 
 pytestmark = [
     # TorchScript (the format of clean-fid's Inception) is deprecated in recent torch, still supported.
@@ -226,15 +225,7 @@ def test_xrv_protocol_is_roentgens_transform_after_the_299_resize(tmp_path):
 def test_clip_protocol_is_clean_fids_unnormalised_embedding(tmp_path):
     from torchvision import transforms
 
-    config = {
-        "embed_dim": 16,
-        "vision_cfg": {"image_size": 224, "layers": 1, "width": 32, "head_width": 16, "patch_size": 32},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    }
-    (tmp_path / "medsd-fid-clip.json").write_text(json.dumps(config))
-    open_clip.add_model_config(tmp_path / "medsd-fid-clip.json")
-    torch.manual_seed(0)
-    model = open_clip.create_model("medsd-fid-clip")
+    _, model = tiny_open_clip(tmp_path, "medsd-fid-clip", image_size=224, patch_size=32)
     paths = write_images(tmp_path / "images", 2, seed=5, sizes=[(330, 300), (120, 90)])
     features = fid_protocol("clean-fid", "clip", model=model).features(paths)
 
