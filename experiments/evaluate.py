@@ -81,8 +81,8 @@ def build_sources(args, size: int) -> tuple[dict, CLIPFeatures | None, dict]:
     if "clip" in args.extractors:
         try:
             clip = CLIPFeatures(args.clip_model, args.clip_weights)
-        except MissingWeightsError as error:
-            skipped["clip score, cmmd"] = str(error)
+        except MissingWeightsError:
+            pass  # the same reason as "clip features"; CLIP score and CMMD are then skipped by name
     return sources, clip, skipped
 
 

@@ -12,7 +12,7 @@ def compute(context: EvaluationContext) -> list[dict]:
     groups = context.prompt_groups()
     label = {
         "protocol": "MS-SSIM (pytorch-msssim), grayscale [0, 1], data_range 1",
-        "extractor": "none (pixels)",
+        "extractor": "pixels (no network)",
         "weights": "none",
         "preprocessing": f"common resize to {images.shape[-1]} px",
         "n_generated": len(images),
