@@ -23,12 +23,12 @@ from .evaluate import markdown_table
 from .matrix import Matrix, slug
 
 # The run's cost fields carried into the summary: name -> (section, key) of its metrics.json "cost".
+# (Sampling FLOPs come from `medsd sample`'s own record, at the settings the images were made with.)
 COST_FIELDS = {
     "parameters_trainable": ("parameters", "trainable"),
     "train_flops_per_image": ("training", "flops_per_image"),
     "train_wall_seconds": ("training", "wall_seconds"),
     "gpu_hours": ("training", "gpu_hours"),
-    "sampling_flops_per_image": ("sampling", "flops_per_image"),
 }
 
 
@@ -64,6 +64,10 @@ def cell_rows(folder) -> list[dict]:
             value = cost.get(section, {}).get(key)
             if value is not None:
                 rows.append({**base, "metric": name, "extractor": "cost", "value": value})
+    sampling = folder.samples / "cost" / "rank0.json"
+    flops = json.loads(sampling.read_text()).get("flops_per_image") if sampling.is_file() else None
+    if flops:
+        rows.append({**base, "metric": "sampling_flops_per_image", "extractor": "cost", "value": flops})
     return rows or [base]
 
 

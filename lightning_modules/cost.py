@@ -1,14 +1,17 @@
-"""What a model costs to train and to sample: the numbers a large-vs-compact comparison needs.
+"""What a model costs to train: the numbers a large-vs-compact comparison needs.
 
-FLOPs are counted by `torch.utils.flop_counter` on the run's real architecture (batch 1, so the
-count is per image): one training step (forward and backward through everything the step runs:
-the VAE encoder unless latents are cached, the text encoder, the denoiser), and one generated
-image at the validation settings (text encoding, every denoising step with its guidance batch, VAE
-decoding). The counter sees matrix products and convolutions, which are nearly all of a diffusion
-model's arithmetic; FLOPs = 2 x multiply-accumulates. Counting costs one extra step and one extra
-image at the start of training.
+Training FLOPs per image are counted by `torch.utils.flop_counter` on the run's real architecture:
+one training step (forward and backward through everything the step runs: the VAE encoder unless
+latents are cached, the text encoder, the denoiser) on the first example of the first batch the
+fit trained on. The counter sees matrix products and convolutions, which are nearly all of a
+diffusion model's arithmetic; FLOPs = 2 x multiply-accumulates. Sampling FLOPs are measured where
+images are made, by `medsd sample` at its own settings (`<samples>/cost/`).
 
-`CostAccounting` (a Lightning callback every `medsd fit` has) writes them with parameter counts,
+The count runs once training has ended, so it cannot change the run it measures: no batch is
+drawn for it, and it runs with the random state forked and gradients returned rather than stored.
+Its cost is one training step at batch 1, after the last real one.
+
+`CostAccounting` (a Lightning callback every `medsd fit` has) writes it with parameter counts,
 wall-clock time, images seen, peak GPU memory and GPU-hours into `<run>/metrics.json` under
 "cost". Time and images survive a resume from checkpoint (the callback's state is checkpointed).
 """
@@ -27,6 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from datamodules.atomic import write_atomically
 
+from .modes import restored_modes, set_modes
 from .sharding import is_sharded
 
 log = logging.getLogger(__name__)
@@ -55,12 +59,15 @@ def count_flops(run) -> int:
 
 def first_example(batch: dict) -> dict:
     """A batch cut down to its first example (tensors and lists alike, also inside nested dicts
-    such as a prepared cache's text conditioning)."""
+    such as a prepared cache's text conditioning); tensors are copied, so that keeping the example
+    does not keep the whole batch."""
 
     def cut(value):
         if isinstance(value, dict):
             return first_example(value)
-        return value[:1] if isinstance(value, torch.Tensor | list) else value
+        if isinstance(value, torch.Tensor):
+            return value[:1].clone()
+        return value[:1] if isinstance(value, list) else value
 
     return {key: cut(value) for key, value in batch.items()}
 
@@ -69,8 +76,8 @@ class CostAccounting(L.Callback):
     """Counts a run's cost and writes it to `<default_root_dir>/metrics.json` at the end of training.
 
     Args:
-        count_flops: count training and sampling FLOPs per image at the start of training (one
-            extra step and one extra image); off leaves them null.
+        count_flops: count the training FLOPs per image once training has ended (one step at
+            batch 1); off leaves them null.
     """
 
     def __init__(self, count_flops: bool = True):
@@ -78,7 +85,7 @@ class CostAccounting(L.Callback):
         self.wall_seconds = 0.0  # over every fit of this run, resumes included
         self.images = 0
         self._started: float | None = None
-        self._flops: dict = {}
+        self._example: dict | None = None  # the first trained example, which the count runs on
 
     def state_dict(self) -> dict:
         # Checkpoints are saved mid-training: include the time of the fit in progress.
@@ -90,11 +97,13 @@ class CostAccounting(L.Callback):
         self.images = state_dict["images"]
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.count_flops:
-            self._flops = self._count(trainer, pl_module)
         if pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
         self._started = time.perf_counter()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.count_flops and self._example is None:
+            self._example = first_example(batch)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.images += len(batch["prompts"]) * trainer.world_size
@@ -109,7 +118,7 @@ class CostAccounting(L.Callback):
             peak = int(pl_module.all_gather(torch.tensor(peak, device=pl_module.device)).max())
         if not trainer.is_global_zero:
             return
-        per_image = self._flops.get("training_flops_per_image")
+        per_image = self._count(trainer, pl_module) if self.count_flops else None
         cost = {
             "parameters": parameter_counts(pl_module),
             "training": {
@@ -123,48 +132,34 @@ class CostAccounting(L.Callback):
                 "peak_gpu_memory_bytes": peak,
                 "gpu_hours": self.wall_seconds * trainer.world_size / 3600 if cuda else None,
             },
-            "sampling": self._flops.get("sampling", {}),
         }
         update_metrics(Path(trainer.default_root_dir), {"cost": cost})
         log.info("cost written to %s", Path(trainer.default_root_dir) / METRICS_FILE)
 
-    def _count(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
-        """Training and sampling FLOPs per image, with the RNG state and gradients left as found."""
-        counts: dict = {}
+    def _count(self, trainer: L.Trainer, pl_module: L.LightningModule) -> int | None:
+        """Training FLOPs per image, on the first trained example, leaving the random state, the
+        modes and every parameter and gradient as found."""
         step = getattr(pl_module, "loss_of_batch", None)  # the modules' hook for this count
-        if step is None:
-            return counts
+        if step is None or self._example is None:
+            return None
         if is_sharded(trainer):
             # Outside FSDP's forward the weights are 1/N shards; the counts do not depend on
             # sharding, so a one-GPU run of the same config gives them.
             log.info("FLOPs are not counted under FSDP: count them on a one-device run of this config")
-            return counts
-        batch = next(iter(trainer.train_dataloader))
-        batch = trainer.strategy.batch_to_device(first_example(batch), pl_module.device)
+            return None
+        trained = [p for p in pl_module.parameters() if p.requires_grad]
         context = trainer.precision_plugin.forward_context
-        with torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
+        cuda = [pl_module.device] if pl_module.device.type == "cuda" else []
 
-            def train_step() -> None:
-                with context():
-                    loss = step(batch, torch.Generator().manual_seed(0))
-                loss.backward()
+        def train_step() -> None:
+            with context():
+                loss = step(self._example, torch.Generator().manual_seed(0))
+            if trained:  # gradients returned, not accumulated into .grad
+                torch.autograd.grad(loss, trained, allow_unused=True)
 
-            counts["training_flops_per_image"] = count_flops(train_step)
-            for p in pl_module.parameters():
-                p.grad = None
-            generate = getattr(pl_module, "generate", None)
-            validation = getattr(pl_module, "validation", None)
-            if generate is not None and validation is not None:
-                prompt = (validation.prompts or [""])[0]
-                with torch.no_grad():
-                    flops = count_flops(lambda: generate([prompt], [validation.seed]))
-                counts["sampling"] = {
-                    "flops_per_image": flops,
-                    "steps": validation.num_inference_steps,
-                    "guidance_scale": validation.guidance_scale,
-                    "note": "at the validation settings; FLOPs scale with steps (x2 with guidance > 1)",
-                }
-        return counts
+        with torch.random.fork_rng(devices=cuda), restored_modes(pl_module):
+            set_modes(pl_module, training=True)  # a training step's modes (dropout on where it trains)
+            return count_flops(train_step)
 
 
 def update_metrics(folder: Path, fields: dict) -> None:

@@ -26,6 +26,7 @@ from datamodules.cache import CacheMismatchError, PreparedCache
 from .backbones import BackboneSpec, build_sampler, load_backbone
 from .conditioning import Conditioning, as_arrays, concat_rows, from_arrays, repeat_rows
 from .export import atomic_directory, write_manifest
+from .modes import in_eval_mode, set_modes
 from .objectives import (
     diffusion_loss,
     drop_captions,
@@ -182,12 +183,20 @@ class DiffusionModule(L.LightningModule):
             self.text_encoder.gradient_checkpointing_enable()
 
     def train(self, mode: bool = True):
-        # Parts with nothing to train stay in eval mode (no dropout, frozen norm statistics).
-        super().train(mode)
-        for child in self.children():
-            if not any(p.requires_grad for p in child.parameters()):
-                child.eval()
+        """What trains in train mode, the frozen parts in eval mode (see `modes.py`); `eval()` too
+        comes here, with everything in eval mode."""
+        set_modes(self, mode)
         return self
+
+    def on_train_start(self) -> None:
+        # Lightning keeps the modes the parts were loaded in (eval, from `from_pretrained`).
+        self.train()
+        modules = list(self.modules())
+        log.info(
+            "%d modules in train mode (the trained parts), %d frozen ones in eval mode",
+            sum(m.training for m in modules),
+            sum(not m.training for m in modules),
+        )
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -389,9 +398,10 @@ class DiffusionModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
-        if batch_idx == 0 and dataloader_idx == 0:
+        if batch_idx == 0 and dataloader_idx == 0 and not self.trainer.sanity_checking:
             # Rendered here rather than at the epoch's end: inside a step, FSDP has gathered the
-            # weights outside its units (a no-op without FSDP).
+            # weights outside its units (a no-op without FSDP). Not in the sanity check before
+            # training, where it would only delay the first step with the base model's images.
             self._validation_images = self.render_validation_prompts()
         return self._evaluation_loss(batch, batch_idx, "val")
 
@@ -493,6 +503,7 @@ class DiffusionModule(L.LightningModule):
         return self.unet.config.sample_size * pipe.vae_scale_factor
 
     @torch.no_grad()
+    @in_eval_mode
     def generate(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
         """One image per (prompt, seed) as [N, 3, H, W] in [0, 1]; CPU generators, so the
         same seed gives the same starting noise on any device."""

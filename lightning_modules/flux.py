@@ -41,6 +41,7 @@ from .backbones import (
 )
 from .diffusion import DiffusionModule, cast_frozen_parameters
 from .lora import add_lora
+from .modes import in_eval_mode
 from .objectives import diffusion_loss, drop_captions, sample_noise
 from .prompts import PromptTokenizer
 from .sharding import is_sharded
@@ -430,6 +431,7 @@ class FluxLoRA(DiffusionModule):
     # --- validation images and export ---------------------------------------------------
 
     @torch.no_grad()
+    @in_eval_mode
     def generate(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
         """One image per (prompt, seed) as [N, 3, H, W] in [0, 1], by FLUX's flow-matching sampler
         (or `validation.sampler`); CPU generators, so a seed gives the same noise on any device."""
