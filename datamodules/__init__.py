@@ -1,25 +1,22 @@
 """Image-text data: loading and transforms, and the DataModules that feed the training modules."""
 
-from .base import ImageTextDataModule, Record
-from .csv_folder import CSVImageTextDataModule
-from .images import ImageLoadError, ImageTransform, load_image
-from .medvqa_gi import MedVQAGIDataModule, MedVQAGIParquetDataModule
-from .mimic_cxr import MIMICCXRDataModule
-from .rocov2 import ROCOv2DataModule, ROCOv2ParquetDataModule
-from .synthetic import SyntheticShapesDataModule, write_synthetic_folder
+from .lazy import lazy_attributes
 
-__all__ = [
-    "CSVImageTextDataModule",
-    "ImageLoadError",
-    "ImageTextDataModule",
-    "ImageTransform",
-    "MIMICCXRDataModule",
-    "MedVQAGIDataModule",
-    "MedVQAGIParquetDataModule",
-    "ROCOv2DataModule",
-    "ROCOv2ParquetDataModule",
-    "Record",
-    "SyntheticShapesDataModule",
-    "load_image",
-    "write_synthetic_folder",
-]
+# Public name -> the submodule that defines it, imported when the name is first used.
+_WHERE = {
+    "ImageTextDataModule": ".base",
+    "Record": ".base",
+    "CSVImageTextDataModule": ".csv_folder",
+    "ImageLoadError": ".images",
+    "ImageTransform": ".images",
+    "load_image": ".images",
+    "MedVQAGIDataModule": ".medvqa_gi",
+    "MedVQAGIParquetDataModule": ".medvqa_gi",
+    "MIMICCXRDataModule": ".mimic_cxr",
+    "ROCOv2DataModule": ".rocov2",
+    "ROCOv2ParquetDataModule": ".rocov2",
+    "SyntheticShapesDataModule": ".synthetic",
+    "write_synthetic_folder": ".synthetic",
+}
+__all__ = sorted(_WHERE)
+__getattr__ = lazy_attributes(__name__, _WHERE)

@@ -1,157 +1,48 @@
-"""The `medsd` command: `medsd fit|validate|test` through LightningCLI, plus medsd's own commands
-(`prepare`, `inspect-data`, `phantoms`, `sample`, `evaluate`, `export`, `sweep`; see COMMANDS).
+"""The `medsd` command: `medsd fit|validate|test` through LightningCLI (experiments/lightning_cli.py),
+plus medsd's own commands (COMMANDS).
 
-Config files compose (`--config a.yaml --config b.yaml`, later wins), any key can be overridden
-with a dotted flag (`--model.init_args.optimizer.lr 5e-5`), and `--print_config` shows the result.
-A run folder (`--trainer.default_root_dir`, default `runs/<strategy>`) receives `config.yaml`,
-the TensorBoard logs, `checkpoints/` (last and best by validation loss) and `export/`.
+This module imports nothing heavy: `medsd --help` and a mistyped command answer at once, and each
+command imports what it needs (Lightning, diffusers, ...) only when it runs.
 """
 
 from __future__ import annotations
 
 import importlib
-import inspect
 import logging
 import sys
-import warnings
-from contextlib import contextmanager
 
-import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
-
-from datamodules import ImageTextDataModule
-from lightning_modules import DiffusionModule
-from lightning_modules.cost import CostAccounting
-
-
-class MedsdCLI(LightningCLI):
-    def __init__(self, args: list[str] | None = None, run: bool = True):
-        super().__init__(
-            # Any LightningModule: the diffusion strategies and the ones that train no diffusion
-            # model (a from-scratch VAE, lightning_modules.VAETraining).
-            L.LightningModule,
-            ImageTextDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            seed_everything_default=0,
-            save_config_kwargs={"overwrite": True},
-            auto_configure_optimizers=False,  # strategies define their own optimiser
-            args=args,
-            run=run,
-        )
-
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        # `predict` is left out: generating images is `medsd sample`'s job.
-        return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
-
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults(
-            {
-                "checkpoint.monitor": "val/loss",
-                "checkpoint.mode": "min",
-                "checkpoint.save_last": True,
-                "checkpoint.save_top_k": 1,
-                "checkpoint.filename": "best-step{step}",
-                "checkpoint.auto_insert_metric_name": False,
-            }
-        )
-        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
-        parser.add_lightning_class_args(CostAccounting, "cost")
-
-    def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        if not config.trainer.default_root_dir:
-            # Deterministic, so that every DDP rank (a re-run of this command) agrees on it.
-            strategy = config.model.class_path.rsplit(".", 1)[-1].lower()
-            config.trainer.default_root_dir = f"runs/{strategy}"
-
-    def instantiate_trainer(self, **kwargs):
-        trainer_config = self._get(self.config_init, "trainer", default={})
-        if trainer_config.get("logger") in (None, True):
-            # TensorBoard events straight in the run folder, not in lightning_logs/version_N.
-            trainer_config["logger"] = TensorBoardLogger(
-                save_dir=trainer_config["default_root_dir"], name="", version=""
-            )
-        return super().instantiate_trainer(**kwargs)
-
-
-@contextmanager
-def _in_process():
-    """Silence LightningCLI's warning about explicit args next to sys.argv: here they are meant."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "LightningCLI's args parameter", UserWarning)
-        yield
-
-
-class _RunConfigCLI(MedsdCLI):
-    """A MedsdCLI without subcommands that also reads a run's saved `config.yaml`, whose
-    `ckpt_path` and `weights_only` are arguments of `Trainer.fit` (they name no data or model
-    and are ignored here)."""
-
-    def add_arguments_to_parser(self, parser) -> None:
-        super().add_arguments_to_parser(parser)
-        skip = {"self", "model", "train_dataloaders", "val_dataloaders", "datamodule"}
-        for name in inspect.signature(L.Trainer.fit).parameters.keys() - skip:
-            parser.add_argument(f"--{name}", default=None, help="ignored here")
-
-
-class _ParseOnlyCLI(_RunConfigCLI):
-    def instantiate_classes(self) -> None:
-        """Nothing is built: no weights are loaded, no data is read."""
-
-
-def parse_config(*args: str):
-    """Compose and validate a `fit` configuration against the code, without building anything.
-
-    `parse_config("--config", "a.yaml", "--model.init_args.optimizer.lr", "1e-4")` returns the
-    resolved namespace; unknown keys, wrong types or a missing class raise `SystemExit` with
-    jsonargparse's message, exactly as `medsd fit` would before it starts.
-    """
-    with _in_process():
-        return _ParseOnlyCLI(args=list(args), run=False).config
-
-
-class _BuildCLI(_RunConfigCLI):
-    def instantiate_classes(self) -> None:
-        """The model and the data only: no Trainer, no run folder."""
-        self.config_init = self.parser.instantiate_classes(self.config)
-        self.model = self._get(self.config_init, "model")
-        self.datamodule = self._get(self.config_init, "data")
-
-
-def build_from_config(args: list[str]) -> tuple[DiffusionModule, ImageTextDataModule]:
-    """The model and DataModule that `medsd fit <args>` would train."""
-    with _in_process():
-        cli = _BuildCLI(args=list(args), run=False)
-    return cli.model, cli.datamodule
-
-
-def build_datamodule(args: list[str]) -> ImageTextDataModule:
-    """Only the DataModule of a run config: no weights are loaded."""
-    data = parse_config(*args).data
-    module, _, name = data.class_path.rpartition(".")
-    return getattr(importlib.import_module(module), name)(**data.init_args.as_dict())
-
-
-# medsd's own commands: name -> the module whose main(argv) runs it, imported only when used.
-COMMANDS = {
-    "prepare": "experiments.prepare",
-    "inspect-data": "experiments.inspect_data",
-    "phantoms": "experiments.phantoms",
-    "evaluate": "experiments.evaluate",
-    "sample": "experiments.sample",
-    "export": "experiments.export_checkpoint",
-    "sweep": "experiments.sweep",
+# LightningCLI's subcommands (`predict` is left out: generating images is `medsd sample`'s job).
+LIGHTNING_COMMANDS = {
+    "fit": "train a strategy on a dataset (a run config: --config FILE; see --help)",
+    "validate": "validation loss of a run config, or of a checkpoint with --ckpt_path",
+    "test": "test-split loss of a run config, or of a checkpoint with --ckpt_path",
 }
 
+# medsd's own commands: name -> (the module whose main(argv) runs it, what it does).
+COMMANDS = {
+    "prepare": ("experiments.prepare", "compute a run's resized images, VAE latents, text embeddings once"),
+    "inspect-data": ("experiments.inspect_data", "what a DataModule config yields, as JSON"),
+    "phantoms": ("experiments.phantoms", "write procedural phantom data in an official dataset layout"),
+    "sample": ("experiments.sample", "render prompts with a trained model into an image folder"),
+    "evaluate": ("experiments.evaluate", "score a `medsd sample` folder against real images"),
+    "export": ("experiments.export_checkpoint", "write a run's export from one of its checkpoints"),
+    "sweep": ("experiments.sweep", "every cell of a matrix through fit, sample and evaluate"),
+}
 
 # The project's packages, whose INFO messages (exports written, metrics skipped and why, sampler
 # and template choices) a user of the command should see.
 PACKAGES = ("lightning_modules", "datamodules", "experiments", "evaluation")
+
+
+def usage() -> str:
+    lines = ["usage: medsd COMMAND [ARGS]   (medsd COMMAND --help for its options)", ""]
+    for title, commands in (
+        ("training (LightningCLI):", LIGHTNING_COMMANDS),
+        ("medsd's commands:", {k: v[1] for k, v in COMMANDS.items()}),
+    ):
+        lines.append(title)
+        lines += [f"  {name:14s}{what}" for name, what in commands.items()]
+    return "\n".join(lines)
 
 
 def show_project_logs() -> None:
@@ -164,11 +55,22 @@ def show_project_logs() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """`medsd fit|validate|test` (LightningCLI) and medsd's own commands (COMMANDS)."""
-    show_project_logs()
     args = sys.argv[1:] if argv is None else argv
-    if args and args[0] in COMMANDS:
-        importlib.import_module(COMMANDS[args[0]]).main(args[1:])
+    if not args or args[0] in ("-h", "--help"):
+        print(usage())
+        if not args:
+            raise SystemExit(2)
+        return
+    command = args[0]
+    if command not in COMMANDS and command not in LIGHTNING_COMMANDS:
+        print(usage(), file=sys.stderr)
+        raise SystemExit(f"medsd: unknown command {command!r}")
+    show_project_logs()
+    if command in COMMANDS:
+        importlib.import_module(COMMANDS[command][0]).main(args[1:])
     else:
+        from .lightning_cli import MedsdCLI
+
         MedsdCLI(args=argv)  # None: LightningCLI reads sys.argv itself
 
 

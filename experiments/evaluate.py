@@ -99,7 +99,7 @@ class RealData:
         if self.folder:
             raise ValueError(f"the '{split}' split needs a config's DataModule, not --real-folder")
         if self._datamodule is None:
-            from experiments.cli import build_datamodule
+            from experiments.lightning_cli import build_datamodule
 
             self._datamodule = build_datamodule(self.config_args)
         return self._datamodule.records(split)

@@ -17,8 +17,6 @@ import argparse
 import logging
 from pathlib import Path
 
-import torch
-
 from lightning_modules.export import MANIFEST
 
 log = logging.getLogger(__name__)
@@ -51,7 +49,9 @@ def export_folder(run: str | Path, checkpoint: Path) -> Path:
 
 def export_checkpoint(run: str | Path, which: str = "best", out: str | Path | None = None) -> Path:
     """Rebuild the run's strategy, load the checkpoint's trained weights, write its export."""
-    from experiments.cli import build_from_config  # the CLI module imports this one
+    import torch  # imported here, with Lightning: `medsd export --help` needs neither
+
+    from experiments.lightning_cli import build_from_config
 
     run = Path(run)
     config = run / "config.yaml"

@@ -101,7 +101,7 @@ def summarize(
 
 
 def main(argv: list[str]) -> None:
-    from experiments.cli import build_datamodule  # the CLI module imports this one
+    from experiments.lightning_cli import build_datamodule  # imported here: it imports Lightning
 
     parser = argparse.ArgumentParser(
         prog="medsd inspect-data",

@@ -68,7 +68,7 @@ def prepare_cache(
 
 
 def main(argv: list[str]) -> None:
-    from experiments.cli import build_from_config  # the CLI module imports this one
+    from experiments.lightning_cli import build_from_config  # imported here: it imports Lightning
 
     parser = argparse.ArgumentParser(
         prog="medsd prepare",

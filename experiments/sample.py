@@ -161,7 +161,7 @@ def prompts_from_file(path: str | Path) -> list[Prompt]:
 
 def prompts_from_split(config_args: list[str], split: str) -> list[Prompt]:
     """The prompts of `split` of a run config's DataModule (no model weights are loaded)."""
-    from experiments.cli import build_datamodule  # the CLI module imports this one
+    from experiments.lightning_cli import build_datamodule  # imported here: it imports Lightning
 
     records = build_datamodule(config_args).records(split)
     if not records:

@@ -208,7 +208,6 @@ def describe(folders: list[CellFolder]) -> str:
 
 def main(argv: list[str]) -> None:
     from .sweep_launchers import add_launcher_arguments, launch  # they run this module's cells
-    from .sweep_report import write_report
 
     parser = argparse.ArgumentParser(prog="medsd sweep", description=__doc__.split("\n")[0])
     parser.add_argument("matrix", help="matrix YAML file")
@@ -227,6 +226,8 @@ def main(argv: list[str]) -> None:
     if not args.summary_only:
         run_prepare(matrix, out)
         launch(args, matrix, folders, out)
+
+    from .sweep_report import write_report  # imported here: pandas and the metric registry
 
     report = write_report(matrix, folders, out)
     print(f"report: {report}")

@@ -1,51 +1,37 @@
 """Fine-tuning strategies as LightningModules, and the parts they share."""
 
-from . import _library_logs  # noqa: F401  (first: it quiets a library before peft imports it)
-from .backbones import (
-    TINY_BERT,
-    TINY_SD,
-    TINY_SD2,
-    TINY_SDXL,
-    Backbone,
-    BackboneNotFoundError,
-    BackboneSpec,
-    load_backbone,
-)
-from .compact import CompactDiffusion, VAETraining
-from .diffusion import DiffusionModule
-from .domain_text_encoder import DomainTextEncoderFineTuning, load_domain_text_pipeline
-from .fine_tuning import FineTuning
-from .flux import TINY_FLUX, FluxLoRA
-from .kandinsky import TINY_KANDINSKY, KandinskyDecoderTuning
-from .lora import LoRAFineTuning
-from .sdxl import SDXLFineTuning, SDXLLoRAFineTuning
-from .settings import Objective, Optimizer, Validation
-from .textual_inversion import TextualInversion
+from datamodules.lazy import lazy_attributes
 
-__all__ = [
-    "TINY_BERT",
-    "TINY_FLUX",
-    "TINY_KANDINSKY",
-    "TINY_SD",
-    "TINY_SD2",
-    "TINY_SDXL",
-    "Backbone",
-    "BackboneNotFoundError",
-    "BackboneSpec",
-    "CompactDiffusion",
-    "DiffusionModule",
-    "DomainTextEncoderFineTuning",
-    "FineTuning",
-    "FluxLoRA",
-    "KandinskyDecoderTuning",
-    "LoRAFineTuning",
-    "Objective",
-    "Optimizer",
-    "SDXLFineTuning",
-    "SDXLLoRAFineTuning",
-    "TextualInversion",
-    "VAETraining",
-    "Validation",
-    "load_backbone",
-    "load_domain_text_pipeline",
-]
+from . import _library_logs  # noqa: F401  (first: it quiets a library before peft imports it)
+
+# Public name -> the submodule that defines it, imported when the name is first used: a run of
+# one strategy imports neither the other families nor their libraries (peft for a full fine-tune).
+_WHERE = {
+    "TINY_BERT": ".backbones",
+    "TINY_SD": ".backbones",
+    "TINY_SD2": ".backbones",
+    "TINY_SDXL": ".backbones",
+    "Backbone": ".backbones",
+    "BackboneNotFoundError": ".backbones",
+    "BackboneSpec": ".backbones",
+    "load_backbone": ".backbones",
+    "CompactDiffusion": ".compact",
+    "VAETraining": ".compact",
+    "DiffusionModule": ".diffusion",
+    "DomainTextEncoderFineTuning": ".domain_text_encoder",
+    "load_domain_text_pipeline": ".domain_text_encoder",
+    "FineTuning": ".fine_tuning",
+    "TINY_FLUX": ".flux",
+    "FluxLoRA": ".flux",
+    "TINY_KANDINSKY": ".kandinsky",
+    "KandinskyDecoderTuning": ".kandinsky",
+    "LoRAFineTuning": ".lora",
+    "SDXLFineTuning": ".sdxl",
+    "SDXLLoRAFineTuning": ".sdxl",
+    "Objective": ".settings",
+    "Optimizer": ".settings",
+    "Validation": ".settings",
+    "TextualInversion": ".textual_inversion",
+}
+__all__ = sorted(_WHERE)
+__getattr__ = lazy_attributes(__name__, _WHERE)

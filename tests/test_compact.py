@@ -10,8 +10,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 
 from datamodules import SyntheticShapesDataModule
 from evaluation.sample_folder import read_manifest
-from experiments.cli import MedsdCLI, build_datamodule
 from experiments.cli import main as medsd
+from experiments.lightning_cli import MedsdCLI, build_datamodule
 from lightning_modules import CompactDiffusion, VAETraining, load_domain_text_pipeline
 from lightning_modules.backbones import TINY_BERT, TINY_CLIP, build_tiny_backbone, build_tiny_bert
 from lightning_modules.domain_text_encoder import DomainTextPipeline

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from experiments.cli import parse_config
+from experiments.lightning_cli import parse_config
 from experiments.matrix import Matrix
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from experiments.cli import MedsdCLI
 from experiments.cli import main as medsd
 from experiments.export_checkpoint import checkpoint_export
+from experiments.lightning_cli import MedsdCLI
 
 CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "tiny" / "unet.yaml"
 

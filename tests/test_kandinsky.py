@@ -16,8 +16,8 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from evaluation.sample_folder import read_manifest
-from experiments.cli import MedsdCLI
 from experiments.cli import main as medsd
+from experiments.lightning_cli import MedsdCLI
 from lightning_modules import BackboneNotFoundError, BackboneSpec, KandinskyDecoderTuning, Objective
 from lightning_modules.kandinsky import LORA_WEIGHTS, TINY_KANDINSKY, build_tiny_kandinsky, load_kandinsky
 from lightning_modules.pipelines import base_pipeline, load_pipeline, render

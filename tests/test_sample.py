@@ -14,8 +14,8 @@ import experiments.sample as sample_module
 from datamodules.base import Record
 from datamodules.phantoms import write_phantoms
 from evaluation.sample_folder import read_manifest
-from experiments.cli import MedsdCLI, build_datamodule
 from experiments.cli import main as medsd
+from experiments.lightning_cli import MedsdCLI, build_datamodule
 from experiments.sample import (
     Prompt,
     build_parser,

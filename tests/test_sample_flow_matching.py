@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from experiments.cli import MedsdCLI
 from experiments.cli import main as medsd
+from experiments.lightning_cli import MedsdCLI
 from lightning_modules.flux import tiny_flux_pipeline
 from lightning_modules.pipelines import load_pipeline
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from experiments.cli import build_from_config
 from experiments.cli import main as medsd
+from experiments.lightning_cli import build_from_config
 from lightning_modules.pipelines import load_pipeline
 from lightning_modules.sdxl import build_tiny_sdxl, second_encoder_ids, tiny_sdxl_pipeline
 

@@ -11,7 +11,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from safetensors.torch import load_file
 
 from experiments.benchmarks.flops import SD15_UNET
-from experiments.cli import parse_config
+from experiments.lightning_cli import parse_config
 from lightning_modules import FluxLoRA, LoRAFineTuning
 from lightning_modules.backbones import BackboneSpec
 from lightning_modules.sharding import ShardedDiffusion, shard_units, unwrapped_name

@@ -7,7 +7,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from experiments.cli import MedsdCLI, build_from_config
+from experiments.lightning_cli import MedsdCLI, build_from_config
 from lightning_modules import load_domain_text_pipeline
 from lightning_modules.backbones import build_tiny_backbone, build_tiny_bert
 from lightning_modules.pipelines import tiny_pipeline

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from experiments.cli import MedsdCLI
 from experiments.cli import main as medsd
+from experiments.lightning_cli import MedsdCLI
 from lightning_modules.export import MANIFEST
 from lightning_modules.export import read_manifest as read_export_manifest
 

@@ -14,9 +14,9 @@ finished:
 
 The rounds interleave (medsd, plain, medsd, ...) so that a change in the machine's load touches
 both. It prints each runner's median and minimum and the ratio of the medians (the aim: medsd
-within 1.1x), then the same for the imports alone (`import experiments.cli` vs the libraries the
-plain script imports), for the interpreter's exit after them (which a first-step time leaves out)
-and for the whole of `medsd --help`.
+within 1.1x), then the same for the imports alone (`medsd fit`'s, experiments.lightning_cli, vs
+the libraries the plain script imports), for the interpreter's exit after them (which a
+first-step time leaves out) and for the whole of `medsd --help`.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ PLAIN = Path(__file__).resolve().parent / "plain_first_step.py"
 # The imports alone, each process noting the time they finished as the training runs do (its
 # interpreter's exit, a second or two with these libraries loaded, comes after).
 NOTE_TIME = f"; import os, time; open(os.environ['{CLOCK_FILE}'], 'w').write(repr(time.time()))"
-MEDSD_IMPORTS = "import experiments.cli" + NOTE_TIME
+MEDSD_IMPORTS = "import experiments.lightning_cli" + NOTE_TIME  # what `medsd fit` imports
 PLAIN_IMPORTS = (
     "import torch, torchvision, diffusers, transformers; "
     "from diffusers import UNet2DConditionModel, AutoencoderKL, DDPMScheduler; "
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     print(row("imports", imports["medsd"], imports["plain"]))
     print(row("exit after those", exits["medsd"], exits["plain"]))
     print(row("medsd --help", helps))
-    print("(imports: `import experiments.cli` vs torch, torchvision, diffusers and transformers' classes;")
+    print("(imports: `import experiments.lightning_cli` vs torch, torchvision, diffusers, transformers;")
     print(" medsd --help: the whole command, its exit included)")
 
 

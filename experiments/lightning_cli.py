@@ -1,0 +1,135 @@
+"""medsd's LightningCLI: `medsd fit|validate|test`, and run configs parsed or built the same way.
+
+Config files compose (`--config a.yaml --config b.yaml`, later wins), any key can be overridden
+with a dotted flag (`--model.init_args.optimizer.lr 5e-5`), and `--print_config` shows the result.
+A run folder (`--trainer.default_root_dir`, default `runs/<strategy>`) receives `config.yaml`,
+the TensorBoard logs, `checkpoints/` (last and best by validation loss) and `export/`.
+Imported only by the commands that need Lightning (experiments/cli.py dispatches).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import warnings
+from contextlib import contextmanager
+
+import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from datamodules import ImageTextDataModule
+from lightning_modules import DiffusionModule
+from lightning_modules.cost import CostAccounting
+
+
+class MedsdCLI(LightningCLI):
+    def __init__(self, args: list[str] | None = None, run: bool = True):
+        super().__init__(
+            # Any LightningModule: the diffusion strategies and the ones that train no diffusion
+            # model (a from-scratch VAE, lightning_modules.VAETraining).
+            L.LightningModule,
+            ImageTextDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,  # strategies define their own optimiser
+            args=args,
+            run=run,
+        )
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # `predict` is left out: generating images is `medsd sample`'s job.
+        return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/loss",
+                "checkpoint.mode": "min",
+                "checkpoint.save_last": True,
+                "checkpoint.save_top_k": 1,
+                "checkpoint.filename": "best-step{step}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.add_lightning_class_args(CostAccounting, "cost")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if not config.trainer.default_root_dir:
+            # Deterministic, so that every DDP rank (a re-run of this command) agrees on it.
+            strategy = config.model.class_path.rsplit(".", 1)[-1].lower()
+            config.trainer.default_root_dir = f"runs/{strategy}"
+
+    def instantiate_trainer(self, **kwargs):
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        if trainer_config.get("logger") in (None, True):
+            # TensorBoard events straight in the run folder, not in lightning_logs/version_N.
+            trainer_config["logger"] = TensorBoardLogger(
+                save_dir=trainer_config["default_root_dir"], name="", version=""
+            )
+        return super().instantiate_trainer(**kwargs)
+
+
+@contextmanager
+def _in_process():
+    """Silence LightningCLI's warning about explicit args next to sys.argv: here they are meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "LightningCLI's args parameter", UserWarning)
+        yield
+
+
+class _RunConfigCLI(MedsdCLI):
+    """A MedsdCLI without subcommands that also reads a run's saved `config.yaml`, whose
+    `ckpt_path` and `weights_only` are arguments of `Trainer.fit` (they name no data or model
+    and are ignored here)."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        super().add_arguments_to_parser(parser)
+        skip = {"self", "model", "train_dataloaders", "val_dataloaders", "datamodule"}
+        for name in inspect.signature(L.Trainer.fit).parameters.keys() - skip:
+            parser.add_argument(f"--{name}", default=None, help="ignored here")
+
+
+class _ParseOnlyCLI(_RunConfigCLI):
+    def instantiate_classes(self) -> None:
+        """Nothing is built: no weights are loaded, no data is read."""
+
+
+def parse_config(*args: str):
+    """Compose and validate a `fit` configuration against the code, without building anything.
+
+    `parse_config("--config", "a.yaml", "--model.init_args.optimizer.lr", "1e-4")` returns the
+    resolved namespace; unknown keys, wrong types or a missing class raise `SystemExit` with
+    jsonargparse's message, exactly as `medsd fit` would before it starts.
+    """
+    with _in_process():
+        return _ParseOnlyCLI(args=list(args), run=False).config
+
+
+class _BuildCLI(_RunConfigCLI):
+    def instantiate_classes(self) -> None:
+        """The model and the data only: no Trainer, no run folder."""
+        self.config_init = self.parser.instantiate_classes(self.config)
+        self.model = self._get(self.config_init, "model")
+        self.datamodule = self._get(self.config_init, "data")
+
+
+def build_from_config(args: list[str]) -> tuple[DiffusionModule, ImageTextDataModule]:
+    """The model and DataModule that `medsd fit <args>` would train."""
+    with _in_process():
+        cli = _BuildCLI(args=list(args), run=False)
+    return cli.model, cli.datamodule
+
+
+def build_datamodule(args: list[str]) -> ImageTextDataModule:
+    """Only the DataModule of a run config: no weights are loaded."""
+    data = parse_config(*args).data
+    module, _, name = data.class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)(**data.init_args.as_dict())
