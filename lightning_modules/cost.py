@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
@@ -137,29 +138,32 @@ class CostAccounting(L.Callback):
         log.info("cost written to %s", Path(trainer.default_root_dir) / METRICS_FILE)
 
     def _count(self, trainer: L.Trainer, pl_module: L.LightningModule) -> int | None:
-        """Training FLOPs per image, on the first trained example, leaving the random state, the
-        modes and every parameter and gradient as found."""
-        step = getattr(pl_module, "loss_of_batch", None)  # the modules' hook for this count
-        if step is None or self._example is None:
+        if getattr(pl_module, "loss_of_batch", None) is None or self._example is None:
             return None
         if is_sharded(trainer):
             # Outside FSDP's forward the weights are 1/N shards; the counts do not depend on
             # sharding, so a one-GPU run of the same config gives them.
             log.info("FLOPs are not counted under FSDP: count them on a one-device run of this config")
             return None
-        trained = [p for p in pl_module.parameters() if p.requires_grad]
-        context = trainer.precision_plugin.forward_context
-        cuda = [pl_module.device] if pl_module.device.type == "cuda" else []
+        return training_flops(pl_module, self._example, trainer.precision_plugin.forward_context)
 
-        def train_step() -> None:
-            with context():
-                loss = step(self._example, torch.Generator().manual_seed(0))
-            if trained:  # gradients returned, not accumulated into .grad
-                torch.autograd.grad(loss, trained, allow_unused=True)
 
-        with torch.random.fork_rng(devices=cuda), restored_modes(pl_module):
-            set_modes(pl_module, training=True)  # a training step's modes (dropout on where it trains)
-            return count_flops(train_step)
+def training_flops(module: L.LightningModule, example: dict, precision=nullcontext) -> int:
+    """FLOPs of one training step of `module` (its `loss_of_batch` hook, forward and backward) on
+    `example`, under the `precision` context, leaving the random state, the modes and every
+    parameter and gradient as found."""
+    trained = [p for p in module.parameters() if p.requires_grad]
+    cuda = [module.device] if module.device.type == "cuda" else []
+
+    def train_step() -> None:
+        with precision():
+            loss = module.loss_of_batch(example, torch.Generator().manual_seed(0))
+        if trained:  # gradients returned, not accumulated into .grad
+            torch.autograd.grad(loss, trained, allow_unused=True)
+
+    with torch.random.fork_rng(devices=cuda), restored_modes(module):
+        set_modes(module, training=True)  # a training step's modes (dropout on where it trains)
+        return count_flops(train_step)
 
 
 def update_metrics(folder: Path, fields: dict) -> None:

@@ -28,5 +28,6 @@ def test_the_plain_script_reads_the_datamodules_records_and_clocks_one_step(tmp_
     clock = tmp_path / "first_step"
     start = time.time()
     env = {**os.environ, "MEDSD_FIRST_STEP_FILE": str(clock), "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(PLAIN), str(root), str(DEMO_BASE_DIR)], env=env, check=True)
+    command = [sys.executable, str(PLAIN), str(root), str(DEMO_BASE_DIR), "--logs", str(tmp_path / "logs")]
+    subprocess.run(command, env=env, check=True)
     assert start < float(clock.read_text()) < time.time()
