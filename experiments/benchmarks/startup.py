@@ -41,9 +41,11 @@ PLAIN = Path(__file__).resolve().parent / "plain_first_step.py"
 # interpreter's exit, a second or two with these libraries loaded, comes after).
 NOTE_TIME = f"; import os, time; open(os.environ['{CLOCK_FILE}'], 'w').write(repr(time.time()))"
 MEDSD_IMPORTS = "import experiments.lightning_cli" + NOTE_TIME  # what `medsd fit` imports
-PLAIN_IMPORTS = (
-    "import torch, torchvision, diffusers, transformers; "
+PLAIN_IMPORTS = (  # plain_first_step.py's
+    "import pandas, torch, torchvision, transformers; "
     "from diffusers import UNet2DConditionModel, AutoencoderKL, DDPMScheduler; "
+    "from diffusers.optimization import get_scheduler; "
+    "from torch.utils.tensorboard import SummaryWriter; "
     "from transformers import CLIPTextModel, CLIPTokenizer" + NOTE_TIME
 )
 
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     print(row("imports", imports["medsd"], imports["plain"]))
     print(row("exit after those", exits["medsd"], exits["plain"]))
     print(row("medsd --help", helps))
-    print("(imports: `import experiments.lightning_cli` vs torch, torchvision, diffusers, transformers;")
+    print("(imports: `import experiments.lightning_cli` vs the plain script's;")
     print(" medsd --help: the whole command, its exit included)")
 
 
