@@ -41,6 +41,9 @@ from torchvision.models import densenet121
 
 from datamodules.base import Record, stack_labels
 from datamodules.images import load_image, to_rgb
+from datamodules.safe_load import load_checkpoint
+
+from .features import xrv_densenet
 
 log = logging.getLogger(__name__)
 
@@ -267,11 +270,10 @@ def _xrv_densenet(n_labels: int, pretrained_weights: str | None) -> nn.Module:
     head returns plain logits, thresholded like the other networks'."""
     import torchxrayvision as xrv
 
-    network = xrv.models.DenseNet(weights=None)
-    if pretrained_weights is not None:
-        # torchxrayvision's release files are whole pickled models, not state dicts.
-        saved = torch.load(pretrained_weights, map_location="cpu", weights_only=False)
-        network.load_state_dict(saved.state_dict())
+    if pretrained_weights is None:
+        network = xrv.models.DenseNet(weights=None)
+    else:
+        network = xrv_densenet(pretrained_weights, release=None)  # read without running code
     network.op_threshs = None
     network.classifier = nn.Linear(network.classifier.in_features, n_labels)
     return network
@@ -279,7 +281,7 @@ def _xrv_densenet(n_labels: int, pretrained_weights: str | None) -> nn.Module:
 
 def _imagenet_state_dict(path: str) -> dict[str, torch.Tensor]:
     """torchvision's DenseNet-121 file, whose old key names ("norm.1") become today's ("norm1")."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_checkpoint(path)
     old_key = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_\w+))$")
     return {old_key.sub(r"\1\2", key): value for key, value in state.items()}
 

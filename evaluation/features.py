@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from datamodules.safe_load import check_state_dict, load_pickled_module, module_classes
+
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 XRV_WEIGHTS = "densenet121-res224-all"
 
@@ -65,6 +67,8 @@ class InceptionFeatures(FeatureExtractor):
                 f"Inception weights not found at {path}: download {INCEPTION_FILE} from torch-fidelity's "
                 f"releases into {path.parent}, or pass its path with --inception-weights"
             )
+        # torch-fidelity unpickles the file fully: it is read safely and checked first.
+        check_state_dict(path)
         self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], str(path)).eval()
         self.label = {
             "extractor": "inception-v3 (torch-fidelity, TF FID graph), 2048-d pool",
@@ -74,6 +78,29 @@ class InceptionFeatures(FeatureExtractor):
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images.to(_device_of(self.net)))[0]
+
+
+def xrv_densenet(path: str | Path, release: str | None = XRV_WEIGHTS) -> nn.Module:
+    """torchxrayvision's DenseNet-121 with the weights of the release file at `path`, set up as
+    `xrv.models.DenseNet(weights=release)` sets it up (labels, thresholds, input resolution).
+
+    The release files are whole pickled models, and torchxrayvision's own loader unpickles them
+    without `weights_only`, which would run any code a crafted file holds: here the file is
+    read allowing torch's and torchxrayvision's layer classes only (datamodules/safe_load.py)."""
+    import torchxrayvision as xrv
+
+    saved = load_pickled_module(path, module_classes("torch.nn", "torchxrayvision.models"))
+    network = xrv.models.DenseNet(weights=None, num_classes=saved.classifier.out_features)
+    network.load_state_dict(saved.state_dict())
+    if release is not None:
+        info = xrv.models.model_urls[release]
+        network.weights = release
+        network.targets = network.pathologies = info["labels"]
+        if "op_threshs" in info:
+            network.op_threshs = torch.tensor(info["op_threshs"])
+        if "input_resolution" in info:
+            network.input_resolution = info["input_resolution"]
+    return network.eval()
 
 
 class XRVFeatures(FeatureExtractor):
@@ -93,7 +120,7 @@ class XRVFeatures(FeatureExtractor):
                     f"torchxrayvision weights not found at {path}: download {url} there, or pass the "
                     "folder holding it with --xrv-weights-dir"
                 )
-            model = xrv.models.DenseNet(weights=XRV_WEIGHTS, cache_dir=str(folder))
+            model = xrv_densenet(path)
             source = str(path)
         else:
             source = "given model (tests)"

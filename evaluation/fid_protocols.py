@@ -39,6 +39,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from datamodules.safe_load import check_state_dict
+
 from .features import (
     INCEPTION_FILE,
     CLIPFeatures,
@@ -406,6 +408,7 @@ def torchmetrics_inception(
                 f"Inception weights not found at {path}: download {INCEPTION_FILE} from torch-fidelity's "
                 f"releases into {path.parent}, or give its path"
             )
+        check_state_dict(path)  # torchmetrics reads it with torch-fidelity's full unpickler
         metric = FrechetInceptionDistance(
             feature=2048, normalize=False, feature_extractor_weights_path=str(path), antialias=antialias
         )

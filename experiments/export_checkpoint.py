@@ -49,9 +49,8 @@ def export_folder(run: str | Path, checkpoint: Path) -> Path:
 
 def export_checkpoint(run: str | Path, which: str = "best", out: str | Path | None = None) -> Path:
     """Rebuild the run's strategy, load the checkpoint's trained weights, write its export."""
-    import torch  # imported here, with Lightning: `medsd export --help` needs neither
-
-    from experiments.lightning_cli import build_from_config
+    from datamodules.safe_load import load_checkpoint
+    from experiments.lightning_cli import build_from_config  # imported here: it imports Lightning
 
     run = Path(run)
     config = run / "config.yaml"
@@ -59,7 +58,7 @@ def export_checkpoint(run: str | Path, which: str = "best", out: str | Path | No
         raise FileNotFoundError(f"{run} has no config.yaml: is it a `medsd fit` run folder?")
     path = checkpoint_path(run, which)
     module, _ = build_from_config(["--config", str(config)])
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = load_checkpoint(path)
     module.load_trained(checkpoint)
     folder = Path(out) if out else export_folder(run, path)
     module.eval().write_export(folder, checkpoint["global_step"])
