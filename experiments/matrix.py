@@ -1,6 +1,6 @@
 """A sweep matrix: base configs, axes over any config key, include / exclude rules -> named cells.
 
-    name: strategies                      # optional, default: the file's stem
+    name: strategies                      # optional, default: the file's stem (slugged)
     base: [../configs/tiny/trainer_overrides.yaml]   # config files every cell starts from
     axes:
       strategy:                           # an axis of labelled settings
@@ -21,7 +21,8 @@
 Config paths are relative to the matrix file. A labelled setting's `config` (a path or a list)
 adds config files; every other key is a dotted `medsd fit` override. A cell's arguments are the
 base configs, then its axes' settings in axis order (later ones win, as on the command line).
-A cell is named by its labels, `strategy-lora__lr-0.001`, which is also its folder name.
+A cell is named by its axes and labels, `strategy-lora__lr-0.001`, which is also its folder name
+(each part slugged: no matrix can name a folder outside its sweep).
 `{sweep}` anywhere in an argument or flag stands for the sweep's output folder, so that data a
 `prepare` command makes there can be named by the cells; in `prepare` commands, `{matrix}` stands
 for the matrix file's folder (for their config paths).
@@ -60,15 +61,17 @@ class Cell:
 
     @property
     def name(self) -> str:
-        return "__".join(f"{axis}-{slug(label)}" for axis, label in self.labels)
+        return "__".join(f"{slug(axis)}-{slug(label)}" for axis, label in self.labels)
 
     def as_dict(self) -> dict:
         return {"name": self.name, "labels": dict(self.labels), "fit_args": list(self.fit_args)}
 
 
 def slug(text: str) -> str:
-    """A label as a folder-name part: letters, digits, '.', '+' and '-' kept, anything else '_'."""
-    return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_") or "_"
+    """A name as one folder-name part: letters, digits, '.', '+' and '-' kept, anything else '_',
+    and leading dots '_', so that no name a matrix gives can be '..', absolute or hidden."""
+    name = re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_")
+    return re.sub(r"^\.+", "_", name) or "_"
 
 
 def label_of(value) -> str:
@@ -109,7 +112,7 @@ class Matrix:
         axes = {str(axis): _axis(path, str(axis), body, folder) for axis, body in spec["axes"].items()}
         matrix = cls(
             path=path,
-            name=str(spec.get("name") or path.stem),
+            name=slug(str(spec.get("name") or path.stem)),  # the default sweep folder's name
             base=[str((folder / p).resolve()) for p in base],
             axes=axes,
             include=[_rule(path, "include", rule, axes) for rule in spec.get("include") or []],

@@ -53,6 +53,8 @@ class CellFolder:
 
     def __init__(self, root: Path, cell: Cell):
         self.cell, self.path = cell, root / cell.name
+        if not self.path.resolve().is_relative_to(Path(root).resolve()):
+            raise ValueError(f"cell {cell.name!r} would have its folder outside the sweep folder {root}")
         self.run, self.samples, self.metrics = self.path / "run", self.path / "samples", self.path / "metrics"
         self.augmentation_samples = self.path / "samples-augmentation"
 

@@ -78,6 +78,29 @@ def test_bad_matrices_are_refused_with_the_reason(tmp_path, change, message):
 def test_cell_names_are_folder_safe():
     assert slug("openai/clip-vit-large-patch14") == "openai_clip-vit-large-patch14"
     assert slug("1e-4") == "1e-4" and slug("a b/c") == "a_b_c" and slug("///") == "_"
+    assert slug("..") == "_" and slug(".hidden") == "_hidden"
+    assert slug("../../x") == "__.._x"  # one folder name: no '/', no leading dot
+
+
+def test_no_axis_or_matrix_name_writes_outside_the_sweep_folder(tmp_path):
+    outside = tmp_path / "escaped"
+    spec = {
+        "name": "../../..",
+        "axes": {
+            "../../escaped": {"a": {"model.init_args.rank": 2}},
+            str(outside / "absolute"): {"b": {"model.init_args.rank": 3}},
+            "..": {"..": {"model.init_args.rank": 4}},
+        },
+    }
+    matrix = Matrix.load(write_matrix(tmp_path, spec))
+    assert "/" not in matrix.name and not matrix.name.startswith(".")
+    out = tmp_path / "sweeps" / "s"
+    for folder in plan(matrix, out):
+        folder.write_plan()
+        folder.write_status(state="pending")
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "matrix.yaml"]
+    assert written and all(p.is_relative_to(out) for p in written)
+    assert not outside.exists()
 
 
 # --- running ----------------------------------------------------------------------------------
