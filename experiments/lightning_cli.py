@@ -22,6 +22,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from datamodules import ImageTextDataModule
 from lightning_modules import DiffusionModule
 from lightning_modules.cost import CostAccounting
+from lightning_modules.guards import NonFiniteGuard
 
 
 class MedsdCLI(LightningCLI):
@@ -59,6 +60,7 @@ class MedsdCLI(LightningCLI):
         )
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.add_lightning_class_args(CostAccounting, "cost")
+        parser.add_lightning_class_args(NonFiniteGuard, "nan_guard")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

@@ -39,6 +39,7 @@ from .backbones import (
 from .diffusion import DiffusionModule, adamw_with_schedule
 from .domain_text_encoder import _pipeline, save_domain_text_export
 from .export import atomic_directory, write_manifest
+from .guards import refuse_non_finite_weights
 from .pipelines import resolve_source
 from .settings import Objective, Optimizer, Validation
 
@@ -164,6 +165,7 @@ class VAETraining(L.LightningModule):
             std = self.latent_std(batches)
             self.vae.register_to_config(scaling_factor=1.0 / std)
             folder = Path(self.trainer.default_root_dir) / "export"
+            refuse_non_finite_weights(self, f"the export {folder}")
             with atomic_directory(folder) as scratch:
                 self.vae.save_pretrained(scratch, safe_serialization=True)
                 write_manifest(

@@ -26,6 +26,7 @@ from datamodules.cache import CacheMismatchError, PreparedCache
 from .backbones import BackboneSpec, build_sampler, load_backbone
 from .conditioning import Conditioning, as_arrays, concat_rows, from_arrays, repeat_rows
 from .export import atomic_directory, write_manifest
+from .guards import refuse_non_finite_weights
 from .modes import in_eval_mode, set_modes
 from .objectives import (
     diffusion_loss,
@@ -580,8 +581,10 @@ class DiffusionModule(L.LightningModule):
         self.trainer.strategy.barrier("medsd-export")
 
     def write_export(self, folder: Path, global_step: int) -> None:
-        """The export (EMA weights if kept) and its manifest, written whole into `folder`."""
+        """The export (EMA weights if kept) and its manifest, written whole into `folder`; refused
+        (the previous export kept) if a trained weight is not finite."""
         with self.use_ema_weights(), atomic_directory(folder) as scratch:
+            refuse_non_finite_weights(self, f"the export {folder}")
             extra = self.export(scratch)
             write_manifest(
                 scratch,
