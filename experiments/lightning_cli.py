@@ -15,12 +15,14 @@ import warnings
 from contextlib import contextmanager
 
 import lightning as L
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from datamodules import ImageTextDataModule
 from lightning_modules import DiffusionModule
+from lightning_modules.checkpoint_io import AtomicCheckpointIO
 from lightning_modules.cost import CostAccounting
 from lightning_modules.guards import NonFiniteGuard
 
@@ -76,6 +78,11 @@ class MedsdCLI(LightningCLI):
             trainer_config["logger"] = TensorBoardLogger(
                 save_dir=trainer_config["default_root_dir"], name="", version=""
             )
+        plugins = trainer_config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            plugins.append(AtomicCheckpointIO())  # checkpoints written whole (checkpoint_io.py)
+        trainer_config["plugins"] = plugins
         return super().instantiate_trainer(**kwargs)
 
 

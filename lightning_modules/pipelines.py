@@ -36,7 +36,7 @@ from .backbones import (
     local_name,
 )
 from .domain_text_encoder import DOMAIN_TEXT_LOADER, DomainTextPipeline, load_domain_text_pipeline
-from .export import MANIFEST, read_manifest
+from .export import MANIFEST, read_manifest, recover_interrupted
 from .flux import TINY_FLUX, tiny_flux_pipeline
 from .kandinsky import (
     TINY_KANDINSKY,
@@ -76,6 +76,8 @@ def resolve_source(source: str | Path) -> Path | str:
     """A run folder becomes its `export/`, any other local folder its absolute path; a string that
     names no local folder is returned as is (a hub id or `medsd/tiny-sd`)."""
     path = Path(source)
+    if path.is_dir():
+        recover_interrupted(path / "export")  # a run killed while replacing its export
     if (path / "export" / MANIFEST).is_file():
         return (path / "export").resolve()
     if path.is_dir():
