@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from .images import ImageTransform, load_image, to_rgb
 
@@ -58,6 +59,25 @@ def with_labels(example: dict[str, Any], record: Record) -> dict[str, Any]:
     if record.labels is not None:
         example["labels"] = record.labels
     return example
+
+
+def run_seed() -> int:
+    """The seed `seed_everything` set for this run (0 if none)."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
+class EpochShuffle(RandomSampler):
+    """A random order per epoch that follows from the run's seed and the epoch alone (Lightning
+    calls `set_epoch` before every epoch, a resumed one included), so a resumed run sees the
+    batches the uninterrupted one saw. Under DDP, Lightning puts its DistributedSampler, seeded
+    the same way, in its place."""
+
+    def __init__(self, data_source):
+        super().__init__(data_source, generator=torch.Generator())
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed(run_seed() * 1_000_003 + epoch)
 
 
 class ImageTextCollate:
@@ -275,10 +295,11 @@ class ImageTextDataModule(L.LightningDataModule, ABC):
         return {"image_size": self.image_size, "steps": repr(self.transform.steps)}
 
     def _loader(self, records: list[Record], shuffle: bool, split: str) -> DataLoader:
+        dataset = self.dataset(records, split)
         return DataLoader(
-            self.dataset(records, split),
+            dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=EpochShuffle(dataset) if shuffle else None,
             drop_last=False,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -25,6 +25,7 @@ from lightning_modules import DiffusionModule
 from lightning_modules.checkpoint_io import AtomicCheckpointIO
 from lightning_modules.cost import CostAccounting
 from lightning_modules.guards import NonFiniteGuard
+from lightning_modules.randomness import StepSeeds
 
 
 class MedsdCLI(LightningCLI):
@@ -63,6 +64,7 @@ class MedsdCLI(LightningCLI):
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.add_lightning_class_args(CostAccounting, "cost")
         parser.add_lightning_class_args(NonFiniteGuard, "nan_guard")
+        parser.add_lightning_class_args(StepSeeds, "step_seeds")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

@@ -11,31 +11,16 @@ import pytest
 import torch
 
 from datamodules.safe_load import load_checkpoint
-from experiments.cli import main as medsd
 from lightning_modules.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from lightning_modules.export import MANIFEST, atomic_directory, read_manifest, write_manifest
 from lightning_modules.pipelines import resolve_source
+from tests.fit_helpers import tiny_fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fit(root: Path, steps: int, *extra: str) -> None:
-    medsd(
-        [
-            "fit",
-            "--config",
-            "experiments/configs/tiny/unet.yaml",
-            "--trainer.default_root_dir",
-            str(root),
-            "--trainer.max_steps",
-            str(steps),
-            "--trainer.limit_val_batches",
-            "1",
-            "--cost.count_flops",
-            "false",
-            *extra,
-        ]
-    )
+    tiny_fit(root, "--trainer.max_steps", str(steps), *extra)
 
 
 def test_a_save_is_written_beside_its_target_and_renamed(tmp_path):

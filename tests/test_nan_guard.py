@@ -8,31 +8,17 @@ import torch
 from safetensors.torch import load_file
 
 from datamodules.safe_load import load_checkpoint
-from experiments.cli import main as medsd
 from lightning_modules import BackboneSpec, FineTuning
 from lightning_modules.guards import NonFiniteError, NonFiniteGuard, non_finite
+from tests.fit_helpers import tiny_fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = "experiments/configs/tiny"
 DIVERGING = ["--model.init_args.optimizer.lr", "1e6"]  # the weights blow up within a few steps
 
 
 def fit(root: Path, *extra: str) -> None:
-    medsd(
-        [
-            "fit",
-            "--config",
-            f"{TINY}/unet.yaml",
-            "--trainer.default_root_dir",
-            str(root),
-            "--trainer.limit_val_batches",
-            "1",
-            "--cost.count_flops",
-            "false",
-            *extra,
-        ]
-    )
+    tiny_fit(root, *extra)
 
 
 def written_tensors(root: Path) -> dict[str, dict[str, torch.Tensor]]:
