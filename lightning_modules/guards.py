@@ -35,9 +35,15 @@ def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
     return [name for name, ok in zip(floating, finite.tolist(), strict=True) if not ok]
 
 
+def trained_weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint or export of `module` writes: its trained parameters (the frozen ones
+    come from the backbone again)."""
+    return {name: p for name, p in module.named_parameters() if p.requires_grad}
+
+
 def refuse_non_finite_weights(module: nn.Module, what: str) -> None:
     """Raise NonFiniteError if a trained weight of `module` is not finite (before writing `what`)."""
-    bad = non_finite({n: p for n, p in module.named_parameters() if p.requires_grad})
+    bad = non_finite(trained_weights(module))
     if bad:
         raise NonFiniteError(
             f"not writing {what}: {len(bad)} trained weight(s) are NaN or infinite, e.g. {bad[:3]}"
@@ -85,7 +91,9 @@ class NonFiniteGuard(L.Callback):
         )
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        bad = non_finite(checkpoint.get("state_dict", {}))
+        # The trained weights only: checking the frozen ones too would read the whole model at
+        # every checkpoint for weights that are never written.
+        bad = non_finite(trained_weights(pl_module))
         if bad:
             raise NonFiniteError(
                 f"step {trainer.global_step}: not writing a checkpoint: {len(bad)} weight(s) are NaN "

@@ -55,9 +55,16 @@ def test_skipped_steps_are_logged_and_the_run_ends_with_finite_weights(tmp_path,
 def test_a_non_finite_checkpoint_is_refused():
     guard = NonFiniteGuard()
     trainer = type("Trainer", (), {"global_step": 7})()
+    module = torch.nn.Linear(2, 1)
+    frozen = torch.nn.Linear(2, 1).requires_grad_(False)
+    with torch.no_grad():
+        frozen.weight.fill_(float("nan"))  # frozen weights are not written: not checked
+    module.frozen = frozen
+    guard.on_save_checkpoint(trainer, module, {})  # trained weights finite: written
+    with torch.no_grad():
+        module.weight[0, 0] = float("nan")
     with pytest.raises(NonFiniteError, match="step 7: not writing a checkpoint"):
-        guard.on_save_checkpoint(trainer, None, {"state_dict": {"w": torch.tensor([float("nan")])}})
-    guard.on_save_checkpoint(trainer, None, {"state_dict": {"w": torch.ones(2)}})  # finite: written
+        guard.on_save_checkpoint(trainer, module, {})
 
 
 def test_an_export_is_not_replaced_by_non_finite_weights(tmp_path):
