@@ -30,6 +30,11 @@ SETTINGS_FILE = "sample_config.json"
 MANIFEST_COLUMNS = ["prompt_index", "k", "prompt", "seed", "path", "labels"]
 
 
+def sampling_cost_path(folder: str | Path, rank: int = 0) -> Path:
+    """Rank `rank`'s sampling cost record (images, seconds, FLOPs per image, peak memory)."""
+    return Path(folder) / "cost" / f"rank{rank}.json"
+
+
 def image_path(prompt_index: int, k: int) -> str:
     """Where image k of prompt `prompt_index` lives, relative to the folder."""
     return f"images/{prompt_index:06d}_{k:02d}.png"

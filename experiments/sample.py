@@ -64,6 +64,7 @@ from evaluation.sample_folder import (
     SETTINGS_FILE,
     file_source,
     image_path,
+    sampling_cost_path,
     split_source,
     write_manifest,
 )
@@ -381,7 +382,7 @@ def sample(
                 )
             for item, image in zip(batch, images, strict=True):
                 save_image(image, out / item.path)
-        meter.write(out / "cost" / f"rank{rank}.json")
+        meter.write(sampling_cost_path(out, rank))
     missing = sum(not (out / item.path).is_file() for item in items)
     if missing:
         log.info("rank %d done; %d images of other ranks missing, so no manifest yet", rank, missing)

@@ -18,6 +18,7 @@ import pandas as pd
 
 from datamodules.atomic import write_atomically
 from evaluation.metrics import registry
+from evaluation.sample_folder import sampling_cost_path
 
 from .evaluate import markdown_table
 from .matrix import Matrix, slug
@@ -64,7 +65,7 @@ def cell_rows(folder) -> list[dict]:
             value = cost.get(section, {}).get(key)
             if value is not None:
                 rows.append({**base, "metric": name, "extractor": "cost", "value": value})
-    sampling = folder.samples / "cost" / "rank0.json"
+    sampling = sampling_cost_path(folder.samples)
     flops = json.loads(sampling.read_text()).get("flops_per_image") if sampling.is_file() else None
     if flops:
         rows.append({**base, "metric": "sampling_flops_per_image", "extractor": "cost", "value": flops})
