@@ -7,11 +7,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-import pandas as pd
-
 from .base import SPLITS, ImageTextDataModule, Record
 from .images import IMAGE_SUFFIXES
-from .tables import SPLIT_NAMES, some_items
+from .tables import SPLIT_NAMES, read_csv_columns, some_items
+from .text_files import DEFAULT_TEXT_ENCODING, check_text_encoding, read_text
 
 
 class CSVImageTextDataModule(ImageTextDataModule):
@@ -28,6 +27,9 @@ class CSVImageTextDataModule(ImageTextDataModule):
     empty_prompts: what to do with blank captions: "error", or "drop" those images (with a
         warning). Dropping rather than training them unconditionally keeps the dataset what
         its captions say.
+    text_encoding: the encoding of the CSV and the caption files ("utf-8", a byte-order mark
+        allowed; "latin-1" or "cp1252" for files from older tools). A file that does not decode
+        is an error naming it, its line and the byte offset.
     The other arguments are ImageTextDataModule's.
     """
 
@@ -36,6 +38,7 @@ class CSVImageTextDataModule(ImageTextDataModule):
         source: str,
         image_root: str | None = None,
         empty_prompts: Literal["error", "drop"] = "error",
+        text_encoding: str = DEFAULT_TEXT_ENCODING,
         image_size: int = 512,
         **kwargs,
     ):
@@ -45,6 +48,7 @@ class CSVImageTextDataModule(ImageTextDataModule):
         self.source = Path(source)
         self.image_root = None if image_root is None else Path(image_root)
         self.empty_prompts = empty_prompts
+        self.text_encoding = check_text_encoding(text_encoding)
 
     def load_records(self, split: str) -> list[Record]:
         return self._records_by_split[split]
@@ -61,12 +65,7 @@ class CSVImageTextDataModule(ImageTextDataModule):
         raise FileNotFoundError(f"data source {self.source} does not exist")
 
     def _read_csv(self, path: Path) -> dict[str, list[Record]]:
-        # dtype=str and no NA parsing: a prompt such as "None" or "NA" stays that text.
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-        table.columns = table.columns.str.strip()
-        for column in ("image", "prompt"):
-            if column not in table.columns:
-                raise ValueError(f"{path} has no '{column}' column; columns found: {list(table.columns)}")
+        table = read_csv_columns(path, ["image", "prompt"], encoding=self.text_encoding)
         # Line numbers as a spreadsheet or an editor shows them (the header is line 1); exact
         # unless a quoted prompt spans several lines.
         table["line"] = table.index + 2
@@ -114,7 +113,9 @@ class CSVImageTextDataModule(ImageTextDataModule):
                 f"{len(uncaptioned)} image(s) in {folder} have no caption file (same name, .txt): "
                 f"{some_items(uncaptioned)}"
             )
-        records = [Record(str(p), p.with_suffix(".txt").read_text(encoding="utf-8").strip()) for p in images]
+        records = [
+            Record(str(p), read_text(p.with_suffix(".txt"), self.text_encoding).strip()) for p in images
+        ]
         empty = [Path(r.image).with_suffix(".txt") for r in records if not r.prompt]
         self._handle_empty(f"caption file(s) {some_items(empty)}", ["train"] * len(empty), folder)
         return [r for r in records if r.prompt]

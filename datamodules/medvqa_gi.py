@@ -20,6 +20,7 @@ from .base import SPLITS, ImageTextDataModule, Record
 from .hub_files import find_hub_files, iter_image_bytes, materialise_images, read_table_columns
 from .images import IMAGE_SUFFIXES, existing_names
 from .tables import check_choice, drop_or_raise, drop_rows, require_columns
+from .text_files import DEFAULT_TEXT_ENCODING, check_text_encoding, decode, read_csv, read_text
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ class MedVQAGIDataModule(ImageTextDataModule):
         probabilities; see split_of_image.
     missing_images: "error" (naming the files) or "drop" the records whose image is not there.
     empty_prompts: "error" (naming the lines) or "drop" the records with a blank prompt.
+    text_encoding: the encoding of prompt-gt.csv and the captions file ("utf-8", a byte-order mark
+        allowed; "latin-1" for a copy re-saved by an older tool). A file that does not decode is an
+        error naming it, its line and the byte offset.
     The other arguments are ImageTextDataModule's. Records carry no labels; meta has "image_id"
     (the file name without extension) and "source" ("prompt-gt" or "caption:<key>").
     """
@@ -76,6 +80,7 @@ class MedVQAGIDataModule(ImageTextDataModule):
         split_seed: int = 0,
         missing_images: Literal["error", "drop"] = "error",
         empty_prompts: Literal["error", "drop"] = "error",
+        text_encoding: str = DEFAULT_TEXT_ENCODING,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -105,6 +110,7 @@ class MedVQAGIDataModule(ImageTextDataModule):
         self.split_seed = split_seed
         self.missing_images = missing_images
         self.empty_prompts = empty_prompts
+        self.text_encoding = check_text_encoding(text_encoding)
 
     def load_records(self, split: str) -> list[Record]:
         return self._records_by_split[split]
@@ -140,13 +146,11 @@ class MedVQAGIDataModule(ImageTextDataModule):
         return pd.concat(frames, ignore_index=True)
 
     def _read_prompts(self, path: Path) -> pd.DataFrame:
-        header = _prompt_header(path)
-        table = pd.read_csv(
+        header = _prompt_header(path, self.text_encoding)
+        table = read_csv(
             path,
+            self.text_encoding,
             sep=";",
-            dtype=str,
-            keep_default_na=False,
-            encoding="utf-8-sig",
             engine="python",  # the only engine that passes over-long lines to a callable
             on_bad_lines=_rejoin_prompt if header == PROMPT_COLUMNS else "error",
         )
@@ -164,7 +168,7 @@ class MedVQAGIDataModule(ImageTextDataModule):
     def _read_captions(self, path: Path) -> pd.DataFrame:
         if not path.is_file():
             raise FileNotFoundError(f"captions file {path} does not exist")
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path, self.text_encoding))
         if not isinstance(data, dict):
             raise ValueError(
                 f"{path} must map image ids to {{key: [caption, ...]}}; it holds a {type(data).__name__}"
@@ -215,7 +219,8 @@ class MedVQAGIParquetDataModule(MedVQAGIDataModule):
         of its `path` (so its split matches the official files'), or, without one, by a hash of
         its bytes (`<sha256 prefix>.jpg`), which always means reading the bytes.
     missing_images: "error" or "drop" the records whose row has no image bytes.
-    The other arguments are MedVQAGIDataModule's.
+    The other arguments are MedVQAGIDataModule's (text_encoding has nothing to read here: the text
+    of Arrow and parquet files is always UTF-8).
     """
 
     def __init__(
@@ -269,7 +274,7 @@ class MedVQAGIParquetDataModule(MedVQAGIDataModule):
         return table.assign(path=paths, missing=missing)
 
 
-def _prompt_header(path: Path) -> list[str]:
+def _prompt_header(path: Path, encoding: str) -> list[str]:
     """The column names of prompt-gt.csv, or an error that says what is wrong with them.
 
     A copy re-saved by a spreadsheet program is often comma-delimited, which would otherwise read
@@ -277,8 +282,8 @@ def _prompt_header(path: Path) -> list[str]:
     """
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
-    with path.open(encoding="utf-8-sig") as file:
-        line = file.readline().rstrip("\r\n")
+    with path.open("rb") as file:
+        line = decode(file.readline(), path, encoding).rstrip("\r\n")
     columns = [name.strip() for name in line.split(";")]
     if set(PROMPT_COLUMNS) <= set(columns):
         return columns

@@ -17,6 +17,7 @@ import pandas as pd
 from .base import SPLITS, ImageTextDataModule, Record
 from .report_sections import Sections, read_sectioned_csv, section_report
 from .tables import SPLIT_NAMES, check_choice, check_columns, some_items
+from .text_files import DEFAULT_TEXT_ENCODING, check_text_encoding, read_csv, read_text
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,9 @@ class MIMICCXRDataModule(ImageTextDataModule):
     subset_balance: a label name: the subset is half studies with that label 1.0 and half with No
         Finding 1.0 (Chambon et al.'s 5 + 5 pleural effusion / normal images); `subset` must be even.
     missing_images: a listed image whose file is missing is an "error", or "drop" it (counted).
+    text_encoding: the encoding of the CSVs and reports ("utf-8", as distributed, a byte-order mark
+        allowed; "latin-1" for a copy re-saved by an older tool). A file that does not decode is an
+        error naming it, its line and the byte offset.
     Other keyword arguments go to ImageTextDataModule (image_size, batch_size, ...).
 
     Records carry the 14 labels (1.0 / 0.0 / -1.0, None where blank) and meta with dicom_id,
@@ -104,6 +108,7 @@ class MIMICCXRDataModule(ImageTextDataModule):
         subset_seed: int = 0,
         subset_balance: str | None = None,
         missing_images: Literal["error", "drop"] = "error",
+        text_encoding: str = DEFAULT_TEXT_ENCODING,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -128,6 +133,7 @@ class MIMICCXRDataModule(ImageTextDataModule):
         self.subset_seed = subset_seed
         self.subset_balance = subset_balance
         self.missing_images = missing_images
+        self.text_encoding = check_text_encoding(text_encoding)
 
     def load_records(self, split: str) -> list[Record]:
         return self._records_by_split[split]
@@ -237,9 +243,10 @@ class MIMICCXRDataModule(ImageTextDataModule):
                 f"{self.root} has no mimic-cxr-2.0.0-{stem}.csv(.gz); it should hold {CSV_CONTENTS[stem]} "
                 "(from the MIMIC-CXR-JPG release on PhysioNet)"
             )
-        check_columns(path, columns, [c.strip() for c in pd.read_csv(path, nrows=0).columns])
-        # dtype=str and no NA parsing: ids keep their digits, and a blank cell is "".
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, usecols=lambda c: c.strip() in columns)
+        header = read_csv(path, self.text_encoding, nrows=0).columns
+        check_columns(path, columns, [c.strip() for c in header])
+        # Values as text: ids keep their digits, and a blank cell is "".
+        table = read_csv(path, self.text_encoding, usecols=lambda c: c.strip() in columns)
         table.columns = table.columns.str.strip()
         return table.apply(lambda column: column.str.strip()), path
 
@@ -263,7 +270,7 @@ class MIMICCXRDataModule(ImageTextDataModule):
         """
         location = self._reports_location()
         if location.is_file():
-            table = read_sectioned_csv(location)
+            table = read_sectioned_csv(location, self.text_encoding)
             log.info("%s: report sections of %d studies from %s", type(self).__name__, len(table), location)
             return lambda subject_id, study_id: table.get(study_id)
         folder = location / "files" if (location / "files").is_dir() else location
@@ -272,7 +279,8 @@ class MIMICCXRDataModule(ImageTextDataModule):
         def lookup(subject_id: str, study_id: str) -> Sections | None:
             if study_id not in read:
                 path = folder / f"p{subject_id[:2]}" / f"p{subject_id}" / f"s{study_id}.txt"
-                read[study_id] = section_report(path.read_text(encoding="utf-8")) if path.is_file() else None
+                report = read_text(path, self.text_encoding) if path.is_file() else None
+                read[study_id] = None if report is None else section_report(report)
             return read[study_id]
 
         return lookup

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import pandas as pd
+from .text_files import DEFAULT_TEXT_ENCODING, read_csv
 
 # A header is a capitalised name and a colon at the start of a line; report lines start with a space.
 HEADER = re.compile(r"\n ([A-Z ()/,-]+):\s")
@@ -107,7 +107,7 @@ def section_report(text: str) -> Sections:
     return Sections(**{name: normalise_whitespace(last_of_name.get(name, "")) for name in SECTION_FIELDS})
 
 
-def read_sectioned_csv(path: str | Path) -> dict[str, Sections]:
+def read_sectioned_csv(path: str | Path, encoding: str = DEFAULT_TEXT_ENCODING) -> dict[str, Sections]:
     """The sections of each study in the official `mimic_cxr_sectioned.csv` (or .csv.gz), keyed by the
     study id without its leading "s" ("50414267"), as the image metadata spells it.
 
@@ -116,8 +116,8 @@ def read_sectioned_csv(path: str | Path) -> dict[str, Sections]:
     """
     path = Path(path)
     columns = ("study", *SECTION_FIELDS)
-    # dtype=str and no NA parsing: blank cells are "", and a section reading "None" stays that text.
-    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    # Read as text: blank cells are "", and a section reading "None" stays that text.
+    table = read_csv(path, encoding)
     table.columns = table.columns.str.strip()
     missing = [c for c in columns if c not in table.columns]
     if missing:

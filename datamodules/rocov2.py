@@ -17,6 +17,7 @@ from .base import ImageTextDataModule, Record
 from .hub_files import hub_files_by_split, materialise_images, read_table_columns
 from .images import existing_names
 from .tables import check_choice, drop_or_raise, drop_rows, read_csv_columns
+from .text_files import DEFAULT_TEXT_ENCODING, check_text_encoding
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,9 @@ class ROCOv2DataModule(ImageTextDataModule):
         is a warning and the records simply carry no CUIs.
     missing_images: "error" (naming the files) or "drop" the records whose image is not there.
     empty_prompts: "error" (naming the IDs) or "drop" the records with a blank caption.
+    text_encoding: the encoding of the CSV files ("utf-8", a byte-order mark allowed; "latin-1" for
+        a copy re-saved by an older tool). A file that does not decode is an error naming it, its
+        line and the byte offset.
     The other arguments are ImageTextDataModule's.
 
     Records carry no labels: ROCOv2's concepts state what an image shows, never what it does not,
@@ -58,6 +62,7 @@ class ROCOv2DataModule(ImageTextDataModule):
         concepts: Literal["manual", "all"] = "manual",
         missing_images: Literal["error", "drop"] = "error",
         empty_prompts: Literal["error", "drop"] = "error",
+        text_encoding: str = DEFAULT_TEXT_ENCODING,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -71,6 +76,7 @@ class ROCOv2DataModule(ImageTextDataModule):
         self.concepts = concepts
         self.missing_images = missing_images
         self.empty_prompts = empty_prompts
+        self.text_encoding = check_text_encoding(text_encoding)
 
     def load_records(self, split: str) -> list[Record]:
         table = self._read_split(split).assign(split=split)
@@ -87,7 +93,7 @@ class ROCOv2DataModule(ImageTextDataModule):
         """The split's rows as columns id, caption, cuis (a tuple) and where (for messages)."""
         prefix = OFFICIAL_SPLITS[split]
         path = self.root / f"{prefix}_captions.csv"
-        captions = read_csv_columns(path, ["ID", "Caption"])
+        captions = read_csv_columns(path, ["ID", "Caption"], encoding=self.text_encoding)
         ids = captions["ID"].map(_roco_id)
         concepts = self._concepts_of(prefix)
         return pd.DataFrame(
@@ -107,7 +113,7 @@ class ROCOv2DataModule(ImageTextDataModule):
                 raise FileNotFoundError(f"{path} does not exist; filtering by CUI needs it")
             log.warning("%s does not exist: the %s records carry no CUIs", path, prefix)
             return {}
-        table = read_csv_columns(path, ["ID", "CUIs"])
+        table = read_csv_columns(path, ["ID", "CUIs"], encoding=self.text_encoding)
         return {_roco_id(i): _split_cuis(cuis) for i, cuis in zip(table["ID"], table["CUIs"], strict=True)}
 
     @cached_property
@@ -116,7 +122,7 @@ class ROCOv2DataModule(ImageTextDataModule):
         path = self.root / "cui_mapping.csv"
         if not path.is_file():
             return {}
-        table = read_csv_columns(path, ["CUI", "Canonical name"])
+        table = read_csv_columns(path, ["CUI", "Canonical name"], encoding=self.text_encoding)
         return dict(zip(table["CUI"].str.strip(), table["Canonical name"].str.strip(), strict=True))
 
     def _filter_by_cuis(self, table: pd.DataFrame) -> pd.DataFrame:
@@ -163,7 +169,8 @@ class ROCOv2ParquetDataModule(ROCOv2DataModule):
         images of the records kept are written once, and later runs only read the small columns
         and find the files there. Writes are atomic, so an interrupted run leaves no partial image.
     missing_images: "error" or "drop" the records whose row has no image bytes.
-    The other arguments are ROCOv2DataModule's; canonical CUI names are not part of this export.
+    The other arguments are ROCOv2DataModule's; canonical CUI names are not part of this export
+    (text_encoding applies to a cui_mapping.csv put beside it; parquet text is always UTF-8).
     """
 
     def __init__(

@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from .base import ImageTextDataModule
+from .text_files import DEFAULT_TEXT_ENCODING, read_csv
 
 # Spellings of the split names in the datasets' files (compared case-insensitively) -> ours.
 SPLIT_NAMES = {
@@ -37,13 +38,13 @@ def check_choice(name: str, value: str, choices: Iterable[str]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
-def read_csv_columns(path: Path, columns: list[str], sep: str = ",") -> pd.DataFrame:
+def read_csv_columns(
+    path: Path, columns: list[str], sep: str = ",", encoding: str = DEFAULT_TEXT_ENCODING
+) -> pd.DataFrame:
     """A CSV file read as text (no NA parsing: a caption "None" stays that text), checking its columns."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
-    # utf-8-sig: a byte-order mark, as spreadsheet programs write, must not become part of a column name.
-    table = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    return require_columns(table, columns, path)
+    return require_columns(read_csv(path, encoding, sep=sep), columns, path)
 
 
 def require_columns(table: pd.DataFrame, columns: list[str], path: Path) -> pd.DataFrame:
