@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 from abc import ABC, abstractmethod
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -15,11 +17,20 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from .images import ImageTransform, load_image, to_rgb
+from .atomic import write_atomically
+from .images import ImageLoadError, ImageTransform, load_image, to_rgb
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+# Why an image was skipped (bad_images="skip"), by the error reading it raised: what the counts
+# are grouped by.
+SKIP_REASONS: dict[type[Exception], str] = {
+    ImageLoadError: "cannot be decoded",
+    FileNotFoundError: "file missing",
+}
+# The run folder's record of the skipped images (rank 0's; other ranks add `.rank<N>`).
+SKIPPED_IMAGES = "skipped_images.json"
 
 
 @dataclass(frozen=True)
@@ -38,15 +49,83 @@ class Record:
     meta: dict[str, str] | None = None
 
 
-class ImageTextDataset(Dataset):
-    def __init__(self, records: list[Record], transform: ImageTransform):
+@dataclass(frozen=True)
+class SkippedImage:
+    """An image left out under bad_images="skip": its split, its record's index there, its file,
+    why (a SKIP_REASONS value) and the error reading it raised."""
+
+    split: str
+    index: int
+    path: str
+    reason: str
+    error: str
+
+
+class TooManyBadImagesError(ValueError):
+    """More of a split's images could not be read than max_bad_image_share allows."""
+
+
+class RecordDataset(Dataset, ABC):
+    """The examples of a split's records, one per index (`example`).
+
+    bad_images: "error" raises what reading an image raised (ImageLoadError naming the file, or
+        FileNotFoundError). "skip" serves the next readable record in its place (index + 1, + 2,
+        ..., round to the start), with the images skipped on the way under "skipped_images" for
+        the DataModule to count. Replacing rather than dropping keeps every batch full, so a
+        batch whose images are all unreadable never reaches a training step empty, and each
+        step's seeded noise keeps its shape. The replacement follows from the index alone: the
+        same in every worker, every run and after a resume. Its cost: the record after a skipped
+        one is seen twice in that epoch.
+    """
+
+    def __init__(self, records: list[Record], bad_images: str = "error", split: str = "train"):
         self.records = records
-        self.transform = transform
+        self.bad_images = bad_images
+        self.split = split
 
     def __len__(self) -> int:
         return len(self.records)
 
+    @abstractmethod
+    def example(self, index: int) -> dict[str, Any]:
+        """Record `index`'s example; raises a SKIP_REASONS error when its image cannot be read."""
+
     def __getitem__(self, index: int) -> dict[str, Any]:
+        if self.bad_images == "error":
+            return self.example(index)
+        skipped = []
+        for offset in range(len(self)):
+            at = (index + offset) % len(self)
+            try:
+                example = self.example(at)
+            except tuple(SKIP_REASONS) as error:
+                skipped.append(self._skipped(at, error))
+                continue
+            if skipped:
+                example["skipped_images"] = skipped
+            return example
+        raise ImageLoadError(
+            f"none of the {len(self)} {self.split} images can be read (bad_images='skip'), e.g. "
+            f"{skipped[0].error}"
+        )
+
+    def _skipped(self, index: int, error: Exception) -> SkippedImage:
+        reason = next(reason for kind, reason in SKIP_REASONS.items() if isinstance(error, kind))
+        return SkippedImage(self.split, index, str(self.records[index].image), reason, str(error))
+
+
+class ImageTextDataset(RecordDataset):
+    def __init__(
+        self,
+        records: list[Record],
+        transform: ImageTransform,
+        bad_images: str = "error",
+        split: str = "train",
+    ):
+        super().__init__(records, bad_images, split)
+        self.transform = transform
+
+    def example(self, index: int) -> dict[str, Any]:
         record = self.records[index]
         if isinstance(record.image, Image.Image):
             img = to_rgb(record.image)
@@ -107,6 +186,10 @@ class ImageTextCollate:
             tokens = self.tokenizer(prompts)
             batch["input_ids"] = tokens["input_ids"]
             batch["attention_mask"] = tokens["attention_mask"]
+        # Counted by the DataModule in the main process: a worker's own counts would stay there.
+        skipped = [image for e in examples for image in e.get("skipped_images", ())]
+        if skipped:
+            batch["skipped_images"] = skipped
         return batch
 
 
@@ -143,6 +226,19 @@ class ImageTextDataModule(L.LightningDataModule, ABC):
         cache_dir: a folder written by `medsd prepare`: training then reads resized images,
             VAE latents and (for a frozen text encoder) text embeddings from it.
         num_workers: DataLoader worker processes.
+        bad_images: an image that cannot be read during training (corrupt, truncated, not an
+            image, or gone since the records were listed): "error" (default) stops with
+            ImageLoadError naming the file (FileNotFoundError for a missing one); "skip" serves
+            the next readable record in its place (see RecordDataset), logs each skipped image
+            once with its path and reason, counts them per split and reason, and writes the
+            counts to the run's loggers (`data/skipped_images/<split>`) and everything to
+            `skipped_images.json` in the run folder. `medsd prepare` follows the same setting and
+            marks the rows it skipped in the cache, which training then skips in the same way.
+        max_bad_image_share: with "skip", the run stops anyway (TooManyBadImagesError, naming a
+            few of the images) as soon as the images skipped in a split are more than this share
+            of its images (each DDP rank: of the images it reads). The default, 1%, is issue 14's:
+            a dataset with more bad images than that wants repairing, not training around. So 1
+            bad image in 50 (2%) stops under the default; 0.05 lets it train (5 in 50 still stop).
     """
 
     def __init__(
@@ -156,10 +252,16 @@ class ImageTextDataModule(L.LightningDataModule, ABC):
         long_prompts: Literal["truncate", "drop", "error"] = "truncate",
         cache_dir: str | None = None,
         tokenizer: Any = None,
+        bad_images: Literal["error", "skip"] = "error",
+        max_bad_image_share: float = 0.01,
     ):
         super().__init__()
         if long_prompts not in ("truncate", "drop", "error"):
             raise ValueError(f"long_prompts must be 'truncate', 'drop' or 'error', got {long_prompts!r}")
+        if bad_images not in ("error", "skip"):
+            raise ValueError(f"bad_images must be 'error' or 'skip', got {bad_images!r}")
+        if not 0 <= max_bad_image_share <= 1:
+            raise ValueError(f"max_bad_image_share must be in [0, 1], got {max_bad_image_share}")
         self.image_size = image_size
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -169,12 +271,18 @@ class ImageTextDataModule(L.LightningDataModule, ABC):
         self.long_prompts = long_prompts
         self.cache_dir = cache_dir
         self.tokenizer = tokenizer
+        self.bad_images = bad_images
+        self.max_bad_image_share = max_bad_image_share
         self._records: dict[str, list[Record]] | None = None
         self._usable: dict[str, list[Record]] = {}
         # split -> prompts the text encoder sees only the beginning of (long_prompts="truncate").
         self.truncated: Counter = Counter()
         # split -> reason -> records left out, for the logs and `medsd inspect-data`.
         self.dropped: dict[str, Counter] = {split: Counter() for split in SPLITS}
+        # split -> image file -> why it was skipped (bad_images="skip"): each image once, however
+        # many epochs, workers or records (an image can have several prompts) meet it.
+        self.skipped: dict[str, dict[str, SkippedImage]] = {split: {} for split in SPLITS}
+        self._image_counts: dict[str, int] = {}
 
     @abstractmethod
     def load_records(self, split: str) -> list[Record]:
@@ -203,6 +311,109 @@ class ImageTextDataModule(L.LightningDataModule, ABC):
             reason,
             f" (e.g. {example})" if example else "",
         )
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int = 0) -> Any:
+        # The Trainer calls this in the main process for every batch of every loader, so the
+        # images skipped in the workers are counted here, and the training modules never see them.
+        if isinstance(batch, dict) and "skipped_images" in batch:
+            self.note_skipped(batch.pop("skipped_images"))
+        return batch
+
+    def note_skipped(self, images: list[SkippedImage]) -> None:
+        """Count and log images skipped under bad_images="skip", each once, and report them; stop
+        (TooManyBadImagesError) as soon as a split's share of them is past max_bad_image_share."""
+        fresh = False
+        for image in images:
+            if image.path in self.skipped[image.split]:
+                continue
+            self.skipped[image.split][image.path] = image
+            fresh = True
+            log.warning(
+                "%s: skipped %s image %s (%s): %s",
+                type(self).__name__,
+                image.split,
+                image.path,
+                image.reason,
+                image.error,
+            )
+            if self.skipped_share(image.split) > self.max_bad_image_share:
+                self.report_skipped()
+                raise TooManyBadImagesError(self._too_many_bad_images(image.split))
+        if fresh:
+            self.report_skipped()
+
+    def skipped_share(self, split: str) -> float:
+        """The images of `split` skipped so far, as a share of those this process reads."""
+        return len(self.skipped[split]) / self._images_read(split)
+
+    def _images_read(self, split: str) -> float:
+        if split not in self._image_counts:
+            records = self.usable_records(split)
+            # In-memory images are told apart by identity (they never fail to read).
+            self._image_counts[split] = len(
+                {r.image if isinstance(r.image, str) else id(r.image) for r in records}
+            )
+        # Under DDP each rank reads its part of the split and counts only what it meets there.
+        world = self.trainer.world_size if self.trainer is not None else 1
+        return self._image_counts[split] / world
+
+    def _too_many_bad_images(self, split: str) -> str:
+        from .tables import some_items  # tables builds on this module
+
+        skipped = self.skipped[split].values()
+        return (
+            f"{type(self).__name__}: {len(skipped)} of {self._images_read(split):g} {split} images could not "
+            f"be read ({self.skipped_share(split):.1%}), more than max_bad_image_share="
+            f"{self.max_bad_image_share} allows with bad_images='skip': "
+            f"{some_items((f'{i.path} ({i.reason})' for i in skipped), limit=3)}; repair or remove them, "
+            "or raise max_bad_image_share"
+        )
+
+    def skipped_summary(self) -> dict[str, Any]:
+        """What skipped_images.json holds: the settings and, per split with skipped images, their
+        count, share and counts per reason, and each image with its reason and error."""
+        splits = {
+            split: {
+                "skipped": len(images),
+                "share": self.skipped_share(split),
+                "reasons": dict(Counter(i.reason for i in images.values())),
+                "images": [{"path": i.path, "reason": i.reason, "error": i.error} for i in images.values()],
+            }
+            for split, images in self.skipped.items()
+            if images
+        }
+        return {
+            "bad_images": self.bad_images,
+            "max_bad_image_share": self.max_bad_image_share,
+            "splits": splits,
+        }
+
+    def report_skipped(self) -> None:
+        """The counts to the run's loggers and the summary to skipped_images.json in the run folder.
+        Without a Trainer (`medsd prepare`), the log lines and the cache's manifest record them."""
+        trainer = self.trainer
+        if trainer is None:
+            return
+        counts = {
+            f"data/skipped_images/{split}": len(images) for split, images in self.skipped.items() if images
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(counts, step=trainer.global_step)
+        rank = trainer.global_rank
+        name = SKIPPED_IMAGES if rank == 0 else SKIPPED_IMAGES.replace(".json", f".rank{rank}.json")
+        text = json.dumps(self.skipped_summary(), indent=2) + "\n"
+        write_atomically(Path(trainer.default_root_dir) / name, lambda tmp: tmp.write_text(text))
+
+    def state_dict(self) -> dict[str, Any]:
+        # In the checkpoint, so that a resumed run reports (and logs) each image once, as an
+        # uninterrupted one does; empty, and so left out of the checkpoint, while nothing is skipped.
+        images = [asdict(i) for split in self.skipped.values() for i in split.values()]
+        return {"skipped_images": images} if images else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for entry in state_dict.get("skipped_images", []):
+            image = SkippedImage(**entry)
+            self.skipped[image.split][image.path] = image
 
     def records(self, split: str) -> list[Record]:
         self.setup()
@@ -280,10 +491,12 @@ class ImageTextDataModule(L.LightningDataModule, ABC):
     def dataset(self, records: list[Record], split: str) -> Dataset:
         """The examples of `records`: decoded and transformed images, or the prepared cache's."""
         if self.cache_dir is None:
-            return ImageTextDataset(records, self.transform)
+            return ImageTextDataset(records, self.transform, self.bad_images, split)
         from .cache import PreparedCache  # the cache module needs nothing unless a cache is used
 
-        return PreparedCache(self.cache_dir).dataset(split, records, self.transform_settings())
+        return PreparedCache(self.cache_dir).dataset(
+            split, records, self.transform_settings(), self.bad_images
+        )
 
     def transform_settings(self) -> dict[str, Any]:
         """What the images of a prepared cache must have been made with to be reused."""

@@ -12,6 +12,9 @@ DataModule with `cache_dir` serves them instead. Layout of a cache folder:
                                     (prompt_embeds [N, L, D]) or several (SDXL, FLUX: token
                                     states and a pooled vector [N, D])
 
+Rows whose image `medsd prepare` could not read (bad_images="skip") are listed in cache.json
+under their split's "unreadable"; training skips them as it would skip the images themselves.
+
 The arrays are memory-mapped, so workers read only the rows they serve. `cache.json` is written
 last and the folder appears whole (see `atomic_directory`), so a half-written cache is never read.
 """
@@ -26,13 +29,14 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
-from .base import Record, with_labels
+from .base import SKIP_REASONS, Record, RecordDataset, SkippedImage, with_labels
 
 MANIFEST = "cache.json"
 TEXT = "text."  # file-name prefix of the text conditioning's arrays
 VERSION = 2  # 2: text conditioning as named arrays (was one prompt_embeds array)
+# A row whose image could not be read raises again what reading it raised, by its recorded reason.
+REASON_ERRORS = {reason: kind for kind, reason in SKIP_REASONS.items()}
 
 
 class CacheMismatchError(ValueError):
@@ -84,8 +88,11 @@ class PreparedCache:
                 f"{path} has cache version {self.manifest.get('version')}, not {VERSION}"
             )
 
-    def dataset(self, split: str, records: list[Record], transform: dict[str, Any]) -> CachedDataset:
-        """The examples of `split`, checked against what the cache was made from."""
+    def dataset(
+        self, split: str, records: list[Record], transform: dict[str, Any], bad_images: str = "error"
+    ) -> CachedDataset:
+        """The examples of `split`, checked against what the cache was made from; `bad_images` is
+        the DataModule's setting, for the rows whose image could not be read."""
         where = f"the cache at {self.root}"
         if self.manifest["transform"] != transform:
             raise CacheMismatchError(
@@ -102,23 +109,40 @@ class PreparedCache:
                 f"{where} was prepared from {entry['n']} '{split}' records that differ from this run's "
                 f"{len(records)} (data or its filters changed): prepare it again"
             )
-        return CachedDataset(self.root / split, records, entry["latents"], entry["text"])
+        unreadable = {int(index): row for index, row in entry.get("unreadable", {}).items()}
+        return CachedDataset(
+            self.root / split, records, entry["latents"], entry["text"], unreadable, bad_images, split
+        )
 
 
-class CachedDataset(Dataset):
+class CachedDataset(RecordDataset):
     """Examples from a cache: latents in place of images when cached, else the resized images,
-    and the text conditioning's arrays under `text` when cached."""
+    and the text conditioning's arrays under `text` when cached.
 
-    def __init__(self, split_dir: Path, records: list[Record], latents: bool, text: list[str]):
+    unreadable: index -> the manifest's entry for a row whose image could not be read: reading
+        it raises what reading the image raised, for the bad_images policy to handle.
+    """
+
+    def __init__(
+        self,
+        split_dir: Path,
+        records: list[Record],
+        latents: bool,
+        text: list[str],
+        unreadable: dict[int, dict[str, str]] | None = None,
+        bad_images: str = "error",
+        split: str = "train",
+    ):
+        super().__init__(records, bad_images, split)
         self.split_dir = split_dir
-        self.records = records
         self.names = (["latent_mean", "latent_std"] if latents else []) + [f"{TEXT}{n}" for n in text]
+        self.unreadable = unreadable or {}
         self._arrays: dict[str, np.ndarray] | None = None  # opened in each worker, not pickled
 
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def example(self, index: int) -> dict[str, Any]:
+        if index in self.unreadable:
+            row = self.unreadable[index]
+            raise REASON_ERRORS[row["reason"]](row["error"])
         if self._arrays is None:
             self._arrays = {n: np.load(self.split_dir / f"{n}.npy", mmap_mode="r") for n in self.names}
         example: dict[str, Any] = {"prompt": self.records[index].prompt}
@@ -147,6 +171,13 @@ class CacheWriter:
             "splits": {},
         }
         self._arrays: dict[str, np.ndarray] = {}
+
+    def note_unreadable(self, images: list[SkippedImage]) -> None:
+        """Rows of the current split whose image could not be read (bad_images="skip"): they hold
+        the next readable record's data, which is never served in their name."""
+        rows = self.manifest["splits"][self.split].setdefault("unreadable", {})
+        for image in images:
+            rows[str(image.index)] = {"path": image.path, "reason": image.reason, "error": image.error}
 
     def start_split(self, split: str, records: list[Record]) -> None:
         self.split, self.n = split, len(records)

@@ -48,13 +48,18 @@ def prepare_cache(
                 continue
             writer.start_split(split, records)
             loader = DataLoader(
-                ImageTextDataset(records, datamodule.transform),
+                ImageTextDataset(records, datamodule.transform, datamodule.bad_images, split),
                 batch_size=batch_size,
                 num_workers=datamodule.num_workers,
                 collate_fn=ImageTextCollate(),
             )
             start = 0
             for batch in tqdm(loader, desc=f"prepare {split}", unit="batch"):
+                # The DataModule's bad_images policy, as in training: counted, logged, stopped
+                # past its share; the rows skipped are marked so that training skips them too.
+                skipped = batch.get("skipped_images", [])
+                datamodule.note_skipped(skipped)
+                writer.note_unreadable(skipped)
                 pixels = batch["pixel_values"]
                 text = None
                 if identity["text"] is not None:
