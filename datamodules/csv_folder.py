@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
+import pandas as pd
+
 from .base import SPLITS, ImageTextDataModule, Record
 from .images import IMAGE_SUFFIXES
-from .tables import SPLIT_NAMES, read_csv_columns, some_items
+from .tables import SPLIT_NAMES, check_choice, drop_or_raise, read_csv_columns, some_items
 from .text_files import DEFAULT_TEXT_ENCODING, check_text_encoding, read_text
 
 
@@ -27,6 +30,10 @@ class CSVImageTextDataModule(ImageTextDataModule):
     empty_prompts: what to do with blank captions: "error", or "drop" those images (with a
         warning). Dropping rather than training them unconditionally keeps the dataset what
         its captions say.
+    duplicate_rows: what to do with a CSV row repeating the image, prompt and split of an earlier
+        one (a copy-paste slip that counts the pair twice): "error", naming the lines, or "drop"
+        the repeats (counted). The same image with other prompts is kept: several captions per
+        image are a dataset's choice.
     text_encoding: the encoding of the CSV and the caption files ("utf-8", a byte-order mark
         allowed; "latin-1" or "cp1252" for files from older tools). A file that does not decode
         is an error naming it, its line and the byte offset.
@@ -38,6 +45,7 @@ class CSVImageTextDataModule(ImageTextDataModule):
         source: str,
         image_root: str | None = None,
         empty_prompts: Literal["error", "drop"] = "error",
+        duplicate_rows: Literal["error", "drop"] = "error",
         text_encoding: str = DEFAULT_TEXT_ENCODING,
         image_size: int = 512,
         **kwargs,
@@ -45,9 +53,11 @@ class CSVImageTextDataModule(ImageTextDataModule):
         super().__init__(image_size=image_size, **kwargs)  # batch_size, ...: see ImageTextDataModule
         if empty_prompts not in ("error", "drop"):
             raise ValueError(f"empty_prompts must be 'error' or 'drop', got {empty_prompts!r}")
+        check_choice("duplicate_rows", duplicate_rows, ("error", "drop"))
         self.source = Path(source)
         self.image_root = None if image_root is None else Path(image_root)
         self.empty_prompts = empty_prompts
+        self.duplicate_rows = duplicate_rows
         self.text_encoding = check_text_encoding(text_encoding)
 
     def load_records(self, split: str) -> list[Record]:
@@ -89,17 +99,28 @@ class CSVImageTextDataModule(ImageTextDataModule):
         table = table[~empty]
 
         root = self.image_root or path.parent
-        paths = [root / image.strip() for image in table["image"]]  # an absolute path ignores root
-        missing = [p for p in paths if not p.is_file()]
+        table["file"] = [str(root / image.strip()) for image in table["image"]]  # absolute: root ignored
+        missing = [file for file in table["file"] if not os.path.isfile(file)]
         if missing:
             raise FileNotFoundError(
                 f"{len(missing)} image(s) listed in {path} do not exist: {some_items(missing)}"
             )
+        table = self._without_repeated_rows(table, path)
 
         records: dict[str, list[Record]] = {split: [] for split in SPLITS}
-        for image, prompt, split in zip(paths, table["prompt"], table["split"], strict=True):
-            records[split].append(Record(str(image), prompt))
+        for image, prompt, split in zip(table["file"], table["prompt"], table["split"], strict=True):
+            records[split].append(Record(image, prompt))
         return records
+
+    def _without_repeated_rows(self, table: pd.DataFrame, path: Path) -> pd.DataFrame:
+        """`table` without the rows repeating an earlier row's image (as a normalised path), prompt
+        and split, or an error naming their lines (duplicate_rows)."""
+        keys = table.assign(file=table["file"].map(os.path.normpath))[["file", "prompt", "split"]]
+        repeated = keys.duplicated()
+        where = f"{path} line " + table["line"].astype(str)
+        return drop_or_raise(
+            self, table, repeated, "duplicate_rows", "the image, prompt and split of an earlier row", where
+        )
 
     def _read_caption_files(self, folder: Path) -> list[Record]:
         images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())

@@ -50,7 +50,8 @@ class MedVQAGIDataModule(ImageTextDataModule):
 
     prompt-gt.csv is ';'-delimited with the header `Prompt;Filename` (prompts contain commas); every
     row is a record and its prompt is kept exactly as written, typos included, since the challenge
-    scores against that text.
+    scores against that text; a row repeating an earlier one's image and prompt adds nothing and is
+    dropped (counted).
     captions: the path of a `kvasir-captions.json` shaped `{img_id: {key: [caption, ...]}}` (img_id:
         the file name without .jpg), whose images are in the same images folder.
     prompt_source: which texts make the records: "prompts" (prompt-gt.csv), "captions" (the JSON
@@ -60,7 +61,8 @@ class MedVQAGIDataModule(ImageTextDataModule):
         dropped.
     val_fraction, test_fraction, split_seed: images (not rows) go to validation and test with these
         probabilities; see split_of_image.
-    missing_images: "error" (naming the files) or "drop" the records whose image is not there.
+    missing_images: "error" (naming the files) or "drop" the records whose image is not there,
+        counted per image (in `dropped`, "image missing (counted per image, ...)").
     empty_prompts: "error" (naming the lines) or "drop" the records with a blank prompt.
     text_encoding: the encoding of prompt-gt.csv and the captions file ("utf-8", a byte-order mark
         allowed; "latin-1" for a copy re-saved by an older tool). A file that does not decode is an
@@ -125,9 +127,16 @@ class MedVQAGIDataModule(ImageTextDataModule):
         ]
         empty = table["prompt"].str.strip() == ""
         table = drop_or_raise(self, table, empty, "empty_prompts", "empty prompt", table["where"])
+        repeated = table.duplicated(["image", "prompt", "source"])
+        table = drop_rows(self, table, repeated, "repeats an earlier row's image and prompt", table["where"])
         table = self._locate_images(table)
         missing = table["missing"] != ""
-        table = drop_or_raise(self, table, missing, "missing_images", "image missing", table["missing"])
+        # Counted per image, not per prompt: a missing image is one problem, whatever its prompts.
+        # A row without a file name is an image of its own.
+        images = table["image"].where(table["image"] != "", table["where"])
+        table = drop_or_raise(
+            self, table, missing, "missing_images", "image missing", table["missing"], images
+        )
         if self.prompts_per_image == "first":
             table = drop_rows(
                 self, table, table["image"].duplicated(), "not its image's first prompt", table["where"]

@@ -16,7 +16,7 @@ import pandas as pd
 
 from .base import SPLITS, ImageTextDataModule, Record
 from .report_sections import Sections, read_sectioned_csv, section_report
-from .tables import SPLIT_NAMES, check_choice, check_columns, some_items
+from .tables import SPLIT_NAMES, check_choice, check_columns, check_unique, some_items
 from .text_files import DEFAULT_TEXT_ENCODING, check_text_encoding, read_csv, read_text
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ class MIMICCXRDataModule(ImageTextDataModule):
         metadata, metadata_path = self._read_csv("metadata", [*ids, "ViewPosition"])
         splits, split_path = self._read_csv("split", [*ids, "split"])
         for table, path in ((metadata, metadata_path), (splits, split_path)):
-            _check_unique(table, ["dicom_id"], path)
+            check_unique(table["dicom_id"], "dicom_id", path)
         both = metadata.merge(splits, on="dicom_id", how="outer", suffixes=("", "_split"), indicator=True)
         for side, path, other in (
             ("left_only", metadata_path, split_path),
@@ -220,7 +220,7 @@ class MIMICCXRDataModule(ImageTextDataModule):
         """Adds each study's labels as float columns named after them (1.0 / 0.0 / -1.0, NaN for blank)."""
         keys = ["subject_id", "study_id"]
         labels, path = self._read_csv(self.labeler, [*keys, *LABELS])
-        _check_unique(labels, keys, path)
+        check_unique(labels["subject_id"] + "/" + labels["study_id"], "subject_id/study_id", path)
         values = labels[keys].assign(**{name: _label_values(labels[name], name, path) for name in LABELS})
         table = table.merge(values, on=keys, how="left", indicator="labelled")
         table = self._drop(table, table["labelled"] == "left_only", f"no label row in {path.name}")
@@ -422,13 +422,6 @@ def _label_dict(values: Sequence[float]) -> dict[str, float | None]:
     return {
         name: None if math.isnan(value) else float(value) for name, value in zip(LABELS, values, strict=True)
     }
-
-
-def _check_unique(table: pd.DataFrame, keys: list[str], path: Path) -> None:
-    repeated = table[table.duplicated(keys, keep=False)]
-    if len(repeated):
-        shown = some_items(repeated[keys].astype(str).agg("/".join, axis=1).unique())
-        raise ValueError(f"{path}: {'/'.join(keys)} repeated on {len(repeated)} rows: {shown}")
 
 
 def _find_file(folder: Path, name: str) -> Path | None:

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from .tables import check_unique
 from .text_files import DEFAULT_TEXT_ENCODING, read_csv
 
 # A header is a capitalised name and a colon at the start of a line; report lines start with a space.
@@ -112,7 +113,7 @@ def read_sectioned_csv(path: str | Path, encoding: str = DEFAULT_TEXT_ENCODING) 
     study id without its leading "s" ("50414267"), as the image metadata spells it.
 
     Blank cells become "", and text is whitespace normalised as `section_report` does, so either
-    source gives the same prompts.
+    source gives the same prompts. A study on two rows is an error: which report would it be?
     """
     path = Path(path)
     columns = ("study", *SECTION_FIELDS)
@@ -123,5 +124,6 @@ def read_sectioned_csv(path: str | Path, encoding: str = DEFAULT_TEXT_ENCODING) 
     if missing:
         raise ValueError(f"{path} has no column(s) {missing}; columns found: {list(table.columns)}")
     studies = table["study"].str.strip().str.removeprefix("s")
+    check_unique(studies, "study", path)
     texts = [table[name].str.split().str.join(" ") for name in SECTION_FIELDS]
     return {study: Sections(*values) for study, *values in zip(studies, *texts, strict=True)}

@@ -16,7 +16,7 @@ import pandas as pd
 from .base import ImageTextDataModule, Record
 from .hub_files import hub_files_by_split, materialise_images, read_table_columns
 from .images import existing_names
-from .tables import check_choice, drop_or_raise, drop_rows, read_csv_columns
+from .tables import check_choice, check_unique, drop_or_raise, drop_rows, read_csv_columns
 from .text_files import DEFAULT_TEXT_ENCODING, check_text_encoding
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,8 @@ class ROCOv2DataModule(ImageTextDataModule):
     Reads `{split}_captions.csv` (ID, Caption), the concepts file chosen by `concepts` (ID, CUIs
     separated by ';') and `cui_mapping.csv` (CUI, Canonical name); ROCOv2's train / valid / test
     become "train" / "val" / "test". IDs name their file without the extension (`<ID>.jpg`); an ID
-    that already ends in .jpg is accepted too.
+    that already ends in .jpg is accepted too. An ID on two rows of a captions or concepts file is
+    an error naming it: each image has one caption and one set of concepts.
 
     modality_cuis: keep only images having at least one of these CUIs, e.g. ["C0040405"] for CT or
         ["C1306645"] for plain X-rays; None keeps every modality.
@@ -95,6 +96,7 @@ class ROCOv2DataModule(ImageTextDataModule):
         path = self.root / f"{prefix}_captions.csv"
         captions = read_csv_columns(path, ["ID", "Caption"], encoding=self.text_encoding)
         ids = captions["ID"].map(_roco_id)
+        check_unique(ids, "ID", path)
         concepts = self._concepts_of(prefix)
         return pd.DataFrame(
             {
@@ -114,7 +116,9 @@ class ROCOv2DataModule(ImageTextDataModule):
             log.warning("%s does not exist: the %s records carry no CUIs", path, prefix)
             return {}
         table = read_csv_columns(path, ["ID", "CUIs"], encoding=self.text_encoding)
-        return {_roco_id(i): _split_cuis(cuis) for i, cuis in zip(table["ID"], table["CUIs"], strict=True)}
+        ids = table["ID"].map(_roco_id)
+        check_unique(ids, "ID", path)
+        return {image_id: _split_cuis(cuis) for image_id, cuis in zip(ids, table["CUIs"], strict=True)}
 
     @cached_property
     def _cui_names(self) -> dict[str, str]:
@@ -219,7 +223,9 @@ class ROCOv2ParquetDataModule(ROCOv2DataModule):
         if not frames:
             log.warning("%s: no %s files under %s", type(self).__name__, split, self.root)
             return pd.DataFrame(columns=["id", "caption", "cuis", "where", "file", "row"])
-        return pd.concat(frames, ignore_index=True)
+        table = pd.concat(frames, ignore_index=True)
+        check_unique(table["id"], "image_id", f"the {split} files under {self.root}")
+        return table
 
     def _locate_images(self, split: str, table: pd.DataFrame) -> pd.DataFrame:
         folder = self.image_dir / OFFICIAL_SPLITS[split]

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from .base import ImageTextDataModule
 from .text_files import DEFAULT_TEXT_ENCODING, read_csv
+
+if TYPE_CHECKING:  # base may import the checks that use these helpers
+    from .base import ImageTextDataModule
 
 # Spellings of the split names in the datasets' files (compared case-insensitively) -> ours.
 SPLIT_NAMES = {
@@ -61,6 +64,18 @@ def check_columns(path: Path, columns: list[str], found: list[str]) -> None:
         raise ValueError(f"{path} has no {', '.join(map(repr, missing))} column; columns found: {found}")
 
 
+def check_unique(keys: pd.Series, name: str, where: object) -> None:
+    """An error naming the `name`s (the values of `keys`) that more than one row has: a few, and how
+    many, so that a repeated row never silently makes two records of one image."""
+    repeated = keys[keys.duplicated(keep=False)]
+    if len(repeated):
+        values = repeated.unique()
+        raise ValueError(
+            f"{where}: {len(values)} {name}(s) repeated, on {len(repeated)} rows: {some_items(values)}; "
+            f"each {name} must be on one row only"
+        )
+
+
 def drop_or_raise(
     datamodule: ImageTextDataModule,
     table: pd.DataFrame,
@@ -68,27 +83,45 @@ def drop_or_raise(
     setting: str,
     reason: str,
     examples: pd.Series,
+    images: pd.Series | None = None,
 ) -> pd.DataFrame:
     """The rows of `table` not flagged `bad`, or an error naming some of the bad ones (`examples`).
 
     `setting` names the DataModule's attribute holding the policy, "error" or "drop", so that the
     error says what to change. A missing image raises FileNotFoundError, anything else ValueError.
+    images: each row's image, where rows share images (several prompts per image) and the problem
+        is the image's: the error and the drop counts are then of images, not of their records.
     """
-    count = int(bad.sum())
+    count = int(bad.sum()) if images is None else images[bad].nunique()
     if count and getattr(datamodule, setting) == "error":
         error = FileNotFoundError if setting == "missing_images" else ValueError
+        unit = "record(s)" if images is None else f"image(s) ({int(bad.sum())} records)"
         raise error(
-            f"{type(datamodule).__name__}: {count} record(s) with {reason}: "
+            f"{type(datamodule).__name__}: {count} {unit} with {reason}: "
             f"{some_items(examples[bad].unique())}; set {setting}='drop' to leave them out"
         )
-    return drop_rows(datamodule, table, bad, reason, examples)
+    return drop_rows(datamodule, table, bad, reason, examples, images)
 
 
 def drop_rows(
-    datamodule: ImageTextDataModule, table: pd.DataFrame, bad: pd.Series, reason: str, examples: pd.Series
+    datamodule: ImageTextDataModule,
+    table: pd.DataFrame,
+    bad: pd.Series,
+    reason: str,
+    examples: pd.Series,
+    images: pd.Series | None = None,
 ) -> pd.DataFrame:
     """The rows of `table` not flagged `bad`; the others are counted per split (the `split` column)
-    through note_dropped, so that no record disappears silently."""
+    through note_dropped, so that no record disappears silently. With `images` (see drop_or_raise)
+    the count is of images, and the reason says so."""
     for split, rows in examples[bad].groupby(table.loc[bad, "split"], sort=False):
-        datamodule.note_dropped(split, reason, len(rows), str(rows.iloc[0]))
+        if images is None:
+            datamodule.note_dropped(split, reason, len(rows), str(rows.iloc[0]))
+        else:
+            datamodule.note_dropped(
+                split,
+                f"{reason} (counted per image, each with all its records)",
+                images[rows.index].nunique(),
+                f"{rows.iloc[0]}; {len(rows)} records in all",
+            )
     return table[~bad]

@@ -58,6 +58,8 @@ PROMPTS = {
 }
 # With these fractions and seed the six images fall in all three splits (see split_of_image).
 SPLIT_ARGS = {"val_fraction": 0.2, "test_fraction": 0.2, "split_seed": 2}
+# How a missing image is counted in `dropped`: once, however many prompts it has.
+PER_IMAGE = "image missing (counted per image, each with all its records)"
 EXPECTED_SPLITS = {"train": {POLYP, TWO_POLYPS, INSTRUMENT, CECUM}, "val": {Z_LINE}, "test": {PARIS}}
 
 CAPTIONS = {
@@ -242,16 +244,22 @@ def test_missing_csv_or_image_folder_are_named(tmp_path):
         MedVQAGIDataModule(str(root)).setup()
 
 
-def test_a_missing_image_is_named_once_or_its_rows_dropped_and_counted(tmp_path):
+def test_a_missing_image_is_named_and_counted_once_or_its_rows_dropped(tmp_path, caplog):
     root = write_medvqa(tmp_path)
-    (root / "images" / POLYP).unlink()
+    (root / "images" / POLYP).unlink()  # the image of 3 of the 11 prompts: one image, counted once
     with pytest.raises(
-        FileNotFoundError, match=rf"3 record\(s\) with image missing: \S*{POLYP}; set missing_images"
+        FileNotFoundError,
+        match=rf"1 image\(s\) \(3 records\) with image missing: \S*{POLYP}; set missing_images",
     ):
         MedVQAGIDataModule(str(root)).setup()
     dm = MedVQAGIDataModule(str(root), missing_images="drop", **SPLIT_ARGS)
-    assert len(all_records(dm)) == 8
-    assert dm.dropped["train"] == {"image missing": 3}
+    with caplog.at_level(logging.WARNING):
+        assert len(all_records(dm)) == 8
+    assert dm.dropped["train"] == {PER_IMAGE: 1}
+    assert (
+        f"dropped 1 train record(s): {PER_IMAGE} (e.g. {root / 'images' / POLYP}; 3 records in all)"
+        in caplog.text
+    )
 
 
 def test_empty_prompts_or_file_names_are_named_by_line(tmp_path, caplog):
@@ -338,7 +346,7 @@ def test_hub_rows_without_image_bytes_are_named_or_dropped(tmp_path):
         MedVQAGIParquetDataModule(str(root), str(tmp_path / "images")).setup()
     dm = MedVQAGIParquetDataModule(str(root), str(tmp_path / "images"), missing_images="drop")
     assert len(all_records(dm)) == 10
-    assert sum(dm.dropped[split]["image missing"] for split in dm.dropped) == 1
+    assert sum(dm.dropped[split][PER_IMAGE] for split in dm.dropped) == 1
 
 
 def test_hub_files_missing_the_caption_column_are_named(tmp_path):
