@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import Counter
 from functools import cached_property
@@ -12,8 +13,11 @@ import pandas as pd
 
 from .base import SPLITS, ImageTextDataModule, Record
 from .images import IMAGE_SUFFIXES
+from .integrity import outside_root
 from .tables import SPLIT_NAMES, check_choice, drop_or_raise, read_csv_columns, some_items
 from .text_files import DEFAULT_TEXT_ENCODING, check_text_encoding, read_text
+
+log = logging.getLogger(__name__)
 
 
 class CSVImageTextDataModule(ImageTextDataModule):
@@ -27,6 +31,9 @@ class CSVImageTextDataModule(ImageTextDataModule):
         - a folder of images (.png .jpg .jpeg .bmp .tif .tiff, subfolders included), each with
           a caption in a text file of the same name (`scan1.png` + `scan1.txt`); all train.
     image_root: the folder image paths are relative to; default: the CSV's folder.
+    images_outside_root: CSV image paths that resolve outside that folder (absolute ones, ones
+        with `..` or through a symlink) are "allow"ed, and counted and logged once with an example,
+        or an "error" naming them: a config shared with others then reads nothing but its dataset.
     empty_prompts: what to do with blank captions: "error", or "drop" those images (with a
         warning). Dropping rather than training them unconditionally keeps the dataset what
         its captions say.
@@ -44,6 +51,7 @@ class CSVImageTextDataModule(ImageTextDataModule):
         self,
         source: str,
         image_root: str | None = None,
+        images_outside_root: Literal["allow", "error"] = "allow",
         empty_prompts: Literal["error", "drop"] = "error",
         duplicate_rows: Literal["error", "drop"] = "error",
         text_encoding: str = DEFAULT_TEXT_ENCODING,
@@ -54,8 +62,10 @@ class CSVImageTextDataModule(ImageTextDataModule):
         if empty_prompts not in ("error", "drop"):
             raise ValueError(f"empty_prompts must be 'error' or 'drop', got {empty_prompts!r}")
         check_choice("duplicate_rows", duplicate_rows, ("error", "drop"))
+        check_choice("images_outside_root", images_outside_root, ("allow", "error"))
         self.source = Path(source)
         self.image_root = None if image_root is None else Path(image_root)
+        self.images_outside_root = images_outside_root
         self.empty_prompts = empty_prompts
         self.duplicate_rows = duplicate_rows
         self.text_encoding = check_text_encoding(text_encoding)
@@ -100,6 +110,7 @@ class CSVImageTextDataModule(ImageTextDataModule):
 
         root = self.image_root or path.parent
         table["file"] = [str(root / image.strip()) for image in table["image"]]  # absolute: root ignored
+        self._check_confined(table["file"], root, path)
         missing = [file for file in table["file"] if not os.path.isfile(file)]
         if missing:
             raise FileNotFoundError(
@@ -111,6 +122,27 @@ class CSVImageTextDataModule(ImageTextDataModule):
         for image, prompt, split in zip(table["file"], table["prompt"], table["split"], strict=True):
             records[split].append(Record(image, prompt))
         return records
+
+    def _check_confined(self, files: pd.Series, root: Path, path: Path) -> None:
+        """Image files outside `root` are an error naming them, or logged once (images_outside_root)."""
+        outside = outside_root(files, root)
+        if not outside:
+            return
+        if self.images_outside_root == "error":
+            raise ValueError(
+                f"{len(outside)} image path(s) in {path} resolve outside the dataset root {root}: "
+                f"{some_items(outside)}; move them under it or set images_outside_root='allow'"
+            )
+        log.warning(
+            "%s: %d of %d image path(s) in %s resolve outside the dataset root %s, e.g. %s "
+            "(allowed: images_outside_root='error' refuses them)",
+            type(self).__name__,
+            len(outside),
+            len(files),
+            path,
+            root,
+            outside[0],
+        )
 
     def _without_repeated_rows(self, table: pd.DataFrame, path: Path) -> pd.DataFrame:
         """`table` without the rows repeating an earlier row's image (as a normalised path), prompt

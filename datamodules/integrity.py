@@ -1,9 +1,10 @@
-"""Checks across a DataModule's splits: no image is trained on and scored in another split."""
+"""Checks of the image files a DataModule's records name: no image trained on and scored in another
+split, and none outside the dataset's folder where that is asked for."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from .tables import some_items
@@ -53,3 +54,21 @@ def _describe(uses: dict[str, str]) -> str:
     if len(set(uses.values())) == 1:
         return f"{next(iter(uses.values()))} in {' and '.join(uses)}"
     return " = ".join(f"{path} in {split}" for split, path in uses.items())
+
+
+def outside_root(paths: Iterable[str], root: str | os.PathLike) -> list[str]:
+    """The `paths` that resolve (made absolute, `..` and symlinks followed) outside the folder `root`."""
+    top = os.path.realpath(root)
+    # Resolving costs a stat per part of a path, and images share few folders: one resolution each.
+    folders: dict[str, str] = {}
+    outside = []
+    for path in paths:
+        folder, name = os.path.split(os.path.abspath(path))
+        if folder not in folders:
+            folders[folder] = os.path.realpath(folder)
+        resolved = os.path.join(folders[folder], name)
+        if os.path.islink(resolved):
+            resolved = os.path.realpath(resolved)
+        if os.path.commonpath([top, resolved]) != top:
+            outside.append(path)
+    return outside

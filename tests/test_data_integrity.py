@@ -152,3 +152,49 @@ def test_medvqa_row_repeating_an_image_and_prompt_is_dropped_and_counted(tmp_pat
     dm = MedVQAGIDataModule(str(gi), val_fraction=0, test_fraction=0)
     assert len(dm.records("train")) == 11
     assert dm.dropped["train"] == {"repeats an earlier row's image and prompt": 1}
+
+
+# --- CSV image paths outside the dataset root ---------------------------------------------------
+
+
+def csv_reaching_out(tmp_path):
+    """A dataset folder whose CSV lists 5 images: 2 inside it and 3 that resolve outside."""
+    data = tmp_path / "data"
+    write_png(data / "a.png")
+    (data / "sub").mkdir()
+    elsewhere = write_png(tmp_path / "elsewhere" / "b.png")
+    (data / "link.png").symlink_to(elsewhere)
+    rows = [
+        "a.png,inside",
+        "sub/../a.png,inside through ..",
+        "../elsewhere/b.png,outside through ..",
+        f"{elsewhere},outside absolute",
+        "link.png,outside through a symlink",
+    ]
+    return data, write_text(data / "data.csv", "image,prompt\n" + "\n".join(rows) + "\n"), elsewhere
+
+
+def test_csv_images_outside_the_root_are_allowed_and_logged_once(tmp_path, caplog):
+    data, csv, elsewhere = csv_reaching_out(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        records = CSVImageTextDataModule(str(csv)).records("train")
+    assert len(records) == 5
+    warnings = [r.getMessage() for r in caplog.records if "outside the dataset root" in r.getMessage()]
+    assert warnings == [
+        f"CSVImageTextDataModule: 3 of 5 image path(s) in {csv} resolve outside the dataset root {data}, "
+        f"e.g. {data / '..' / 'elsewhere' / 'b.png'} (allowed: images_outside_root='error' refuses them)"
+    ]
+
+
+def test_csv_images_outside_the_root_can_be_refused(tmp_path):
+    data, csv, elsewhere = csv_reaching_out(tmp_path)
+    with pytest.raises(ValueError) as caught:
+        CSVImageTextDataModule(str(csv), images_outside_root="error").setup()
+    assert str(caught.value) == (
+        f"3 image path(s) in {csv} resolve outside the dataset root {data}: "
+        f"{data / '..' / 'elsewhere' / 'b.png'}, {elsewhere}, {data / 'link.png'}; "
+        "move them under it or set images_outside_root='allow'"
+    )
+    (data / "link.png").unlink()
+    inside = write_text(data / "inside.csv", "image,prompt\na.png,x\nsub/../a.png,y\n")
+    assert len(CSVImageTextDataModule(str(inside), images_outside_root="error").records("train")) == 2
