@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from .atomic import write_atomically
 from .images import ImageLoadError, ImageTransform, load_image, to_rgb
+from .integrity import check_no_image_in_two_splits
 
 log = logging.getLogger(__name__)
 
@@ -292,6 +293,7 @@ class ImageTextDataModule(L.LightningDataModule, ABC):
         # Lightning calls setup once per stage (fit, validate, test); the records load once.
         if self._records is None:
             self._records = {split: self.load_records(split) for split in SPLITS}
+            check_no_image_in_two_splits(self._records)  # no score on a training image
             counts = ", ".join(f"{len(records)} {split}" for split, records in self._records.items())
             log.info("%s: %s records", type(self).__name__, counts)
 

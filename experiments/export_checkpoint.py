@@ -23,18 +23,10 @@ log = logging.getLogger(__name__)
 
 
 def checkpoint_path(run: Path, which: str) -> Path:
-    """`best` (the run's single best-*.ckpt), `last`, or a path to a .ckpt file."""
+    """`best` (the checkpoint with the lowest validation loss), `last`, or a path to a .ckpt file."""
     folder = run / "checkpoints"
-    if which == "last":
-        path = folder / "last.ckpt"
-    elif which == "best":
-        best = sorted(folder.glob("best-*.ckpt"))
-        if len(best) != 1:
-            raise FileNotFoundError(
-                f"expected one best-*.ckpt in {folder}, found {[p.name for p in best]}: "
-                "pass --checkpoint PATH"
-            )
-        path = best[0]
+    if which in ("last", "best"):
+        path = folder / f"{which}.ckpt"
     else:
         path = Path(which)
     if not path.is_file():

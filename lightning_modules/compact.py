@@ -200,7 +200,9 @@ class CompactDiffusion(DiffusionModule):
     `objective.caption_dropout`.
 
     Args:
-        vae: a VAETraining run folder or its export (any diffusers AutoencoderKL folder works).
+        vae: a VAETraining run folder or its export (any local diffusers AutoencoderKL folder
+            works). A local folder only: a path that does not exist is the VAE step not run yet,
+            and is said so rather than looked up on the hub.
         text_model: `medsd/tiny-clip`, a transformers CLIP folder or hub id (MSDM:
             `openai/clip-vit-large-patch14`), or any other transformers encoder (`medsd/tiny-bert`,
             a biomedical BERT); its hidden size sets the U-Net's cross-attention width.
@@ -237,6 +239,13 @@ class CompactDiffusion(DiffusionModule):
     ):
         # load_parts, which the base __init__ calls, builds the parts from these.
         self.vae_source = resolve_source(vae)
+        if not isinstance(self.vae_source, Path):
+            raise FileNotFoundError(
+                f"the compact model's VAE folder {vae} does not exist ({Path(vae).absolute()}): it is "
+                "made by the VAE step, a `medsd fit` of a VAETraining config (e.g. experiments/configs/"
+                f"tiny/compact_vae.yaml) with --trainer.default_root_dir {vae}; run that first, or pass a "
+                "diffusers AutoencoderKL folder"
+            )
         self.text_model, self.text_model_revision = text_model, text_model_revision
         self.max_length = max_length
         self.unet_settings = dict(
@@ -264,9 +273,7 @@ class CompactDiffusion(DiffusionModule):
         try:
             self.vae = AutoencoderKL.from_pretrained(self.vae_source)
         except (OSError, ValueError) as error:
-            raise _not_found(
-                "the VAE (a VAETraining run or export folder)", str(self.vae_source), error
-            ) from error
+            raise ValueError(f"{self.vae_source} is not a diffusers AutoencoderKL folder: {error}") from error
         self.uses_clip = is_clip(self.text_model, self.text_model_revision)
         load = load_clip_text_encoder if self.uses_clip else load_text_encoder
         self.tokenizer, self.text_encoder = load(self.text_model, self.text_model_revision)

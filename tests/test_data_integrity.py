@@ -12,18 +12,12 @@ from datamodules import (
     Record,
     ROCOv2DataModule,
 )
-from datamodules.base import SPLITS
 from datamodules.integrity import check_no_image_in_two_splits
 from datamodules.report_sections import Sections, read_sectioned_csv
 from tests.test_datamodules import write_png, write_text
 from tests.test_medvqa_gi import POLYP, write_medvqa
 from tests.test_mimic_cxr import D1, IMAGES, root, write_csv, write_metadata  # noqa: F401 (a fixture)
 from tests.test_rocov2 import write_roco
-
-
-def every_split(dm) -> dict[str, list[Record]]:
-    return {split: dm.records(split) for split in SPLITS}
-
 
 # --- no image in two splits ---------------------------------------------------------------------
 
@@ -73,10 +67,10 @@ def test_csv_with_an_image_in_train_and_test_is_refused(tmp_path):
     (tmp_path / "sub").mkdir()
     rows = "a.png,one,train\nb.png,two,train\nc.png,three,test\nsub/../b.png,two again,test\n"
     csv = write_text(tmp_path / "data.csv", "image,prompt,split\n" + rows)
-    # Through the DataModule's records, however the check is reached.
+    # setup() runs the check on the records of every split.
     shared = f"{tmp_path / 'b.png'} in train = {tmp_path / 'sub' / '..' / 'b.png'} in test"
     with pytest.raises(ValueError, match=r"^1 image\(s\) are in more than one split") as caught:
-        check_no_image_in_two_splits(every_split(CSVImageTextDataModule(str(csv))))
+        CSVImageTextDataModule(str(csv)).setup()
     assert shared in str(caught.value)
 
 

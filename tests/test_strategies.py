@@ -96,7 +96,7 @@ def test_run_folder_holds_config_logs_checkpoints_and_export(fit):
     # Two 32-px prompts side by side with make_grid's 2-px padding.
     assert (grids[-1].width, grids[-1].height) == (2 * 32 + 3 * 2, 32 + 2 * 2)
     checkpoints = sorted(p.name for p in (root / "checkpoints").iterdir())
-    assert "last.ckpt" in checkpoints and any(n.startswith("best-") for n in checkpoints)
+    assert {"last.ckpt", "best.ckpt"} <= set(checkpoints)
     assert (root / "export" / "medsd_export.json").is_file()
     state = torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)
     # Only what trains is checkpointed: frozen parts are reloaded from the backbone.
