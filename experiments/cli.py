@@ -11,6 +11,8 @@ import importlib
 import logging
 import sys
 
+from .parent_death import die_with_parent
+
 # LightningCLI's subcommands (`predict` is left out: generating images is `medsd sample`'s job).
 LIGHTNING_COMMANDS = {
     "fit": "train a strategy on a dataset (a run config: --config FILE; see --help)",
@@ -55,6 +57,7 @@ def show_project_logs() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """`medsd fit|validate|test` (LightningCLI) and medsd's own commands (COMMANDS)."""
+    die_with_parent()  # first: a sweep's stage must not outlive the sweep (parent_death.py)
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help"):
         print(usage())
@@ -70,8 +73,10 @@ def main(argv: list[str] | None = None) -> None:
         importlib.import_module(COMMANDS[command][0]).main(args[1:])
     else:
         from .lightning_cli import MedsdCLI
+        from .run_lock import released_on_return
 
-        MedsdCLI(args=argv)  # None: LightningCLI reads sys.argv itself
+        with released_on_return():  # the run folder's lock, which `fit` takes as it starts
+            MedsdCLI(args=argv)  # None: LightningCLI reads sys.argv itself
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ metrics are those of the registry (`evaluation.metrics`; `--list-metrics` prints
 each needs); every row names its protocol, extractor, weights, preprocessing, N and, for an
 interval, its method. What cannot run (missing weights, unlabelled data, `--real-folder` without
 splits, a protocol that would leak) is listed under `skipped` with the reason.
+While it runs, `--out` is locked (`experiments.run_lock`): a second evaluation into it is refused.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from evaluation.metrics.context import ClassifierFeatures, EvaluationContext
 from evaluation.sample_folder import Generated
 from evaluation.suite import PathFeatures, TensorFeatures
 from evaluation.vit_features import DINOv2Features, RadDinoFeatures
+from experiments.run_lock import RunLock
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 EXTRACTORS = ("inception", "xrv", "clip", "dinov2", "raddino", "classifier")
@@ -312,6 +314,7 @@ def main(argv: list[str]) -> None:
         return
     args, config_args = parser.parse_known_args(argv)
     args.out = args.out or str(Path(args.generated) / "metrics")
-    result = evaluate(args, config_args)
-    write_outputs(result, Path(args.out))
+    with RunLock(args.out):
+        result = evaluate(args, config_args)
+        write_outputs(result, Path(args.out))
     print(json.dumps(result, indent=2, default=str))

@@ -21,6 +21,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from datamodules import ImageTextDataModule
+from experiments.run_lock import RunLock, is_global_rank_zero
 from lightning_modules import DiffusionModule
 from lightning_modules.checkpoint_io import AtomicCheckpointIO
 from lightning_modules.cost import CostAccounting
@@ -72,6 +73,10 @@ class MedsdCLI(LightningCLI):
             # Deterministic, so that every DDP rank (a re-run of this command) agrees on it.
             strategy = config.model.class_path.rsplit(".", 1)[-1].lower()
             config.trainer.default_root_dir = f"runs/{strategy}"
+        if self.subcommand == "fit" and is_global_rank_zero():
+            # Before the Trainer is built: its SaveConfigCallback writes config.yaml into the folder.
+            # Held until the fit returns (experiments/cli.py) or the process ends (run_lock.py).
+            RunLock(config.trainer.default_root_dir).acquire()
 
     def instantiate_trainer(self, **kwargs):
         trainer_config = self._get(self.config_init, "trainer", default={})

@@ -24,6 +24,8 @@ DIR renders only the missing ones. A DIR made with other settings (sampler, step
 size, seed, images per prompt, model, prompts) is refused. manifest.csv is written (atomically)
 only once every image exists, and removed when a run finds one missing, so it never lists a
 missing image.
+While it samples, the process of rank 0 owns DIR (`experiments.run_lock`): a second `medsd
+sample` into it is refused, naming the first.
 
 Several GPUs: `--rank R --world-size W` (read from torchrun's RANK / WORLD_SIZE by default) gives
 item n (in manifest order) to rank n % W. Each rank writes its own images; whichever rank finds
@@ -69,6 +71,7 @@ from evaluation.sample_folder import (
     write_manifest,
 )
 from experiments.export_checkpoint import checkpoint_export
+from experiments.run_lock import for_rank
 from lightning_modules.pipelines import (
     IncompatibleSamplerError,
     export_manifest,
@@ -534,16 +537,18 @@ def main(argv: list[str]) -> None:
     # A flag names a sampler the user wants; a preset's stands for the papers' models (DDPM ones).
     settings = fit_sampler(settings, preset=args.preset if args.scheduler is None else None)
     try:
-        done = sample(
-            args.out,
-            prompts,
-            settings,
-            batch_size=args.batch_size,
-            rank=args.rank,
-            world_size=args.world_size,
-            device=args.device or default_device(),
-            prompt_source=prompt_source,
-        )
+        # Rank 0 owns the folder; the other ranks write their own images into it.
+        with for_rank(args.out, args.rank):
+            done = sample(
+                args.out,
+                prompts,
+                settings,
+                batch_size=args.batch_size,
+                rank=args.rank,
+                world_size=args.world_size,
+                device=args.device or default_device(),
+                prompt_source=prompt_source,
+            )
     except SettingsMismatchError as error:
         raise SystemExit(f"medsd sample: {error}") from None
     print(f"{args.out}: {'complete, manifest written' if done else 'waiting for other ranks'}")

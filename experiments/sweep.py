@@ -5,8 +5,9 @@
 Each cell (see `experiments.matrix`) gets a folder under `--out` (default `runs/sweeps/<name>`):
 
     <cell>/cell.json      its labels and `medsd fit` arguments
-    <cell>/status.json    state (pending / running / done / failed), the last finished stage,
-                          attempts and the error of a failure; always written atomically
+    <cell>/status.json    state (pending / running / interrupted / done / failed), the last
+                          finished stage, attempts, the error of a failure and the stages a killed
+                          sweep left unfinished (`interrupted`); always written atomically
     <cell>/run/           the fit's run folder: resolved config.yaml, checkpoints, export,
                           metrics.json with the cost
     <cell>/samples/       `medsd sample` output (the matrix's `sample` flags; the test prompts for
@@ -22,8 +23,11 @@ checkpoint, sampling from the images it has), and leaves failed cells alone unle
 `--retry-failed`. A done cell is never touched again, so its metrics stay as they were. At the end
 (and with `--summary-only`) the summary table and plots are written (`experiments.sweep_report`).
 
-Only one sweep process should work on a folder at a time: a cell found "running" is taken to be
-an interrupted one.
+A cell has one owner: the sweep process running it locks its folder (`experiments.run_lock`),
+and each stage locks its own output folder (run/, samples/, metrics/), so a second sweep on the
+same folder skips the cell, naming its owner, and a `medsd fit` into a running fit's folder is
+refused. Stages die with the sweep, even a SIGKILLed one (`experiments.parent_death`); a rerun
+takes over the dead sweep's lock, marks a cell it left "running" as interrupted and continues it.
 """
 
 from __future__ import annotations
@@ -41,11 +45,13 @@ from pathlib import Path
 from datamodules.atomic import write_atomically
 
 from .matrix import Cell, Matrix
+from .parent_death import child_environment
+from .run_lock import FolderInUse, RunLock
 
 log = logging.getLogger(__name__)
 
 STAGES = ("fit", "sample", "sample-augmentation", "evaluate")
-STATES = ("pending", "running", "done", "failed")
+STATES = ("pending", "running", "interrupted", "done", "failed")
 
 
 class CellFolder:
@@ -150,11 +156,40 @@ def run_cell(
     env: dict | None = None,
     on_stage: Callable[[str], None] | None = None,
 ) -> str:
-    """Run a cell's unfinished stages (with `env` added to the environment); returns its final state.
-    `on_stage(stage)` is called as each stage starts (for a progress display)."""
+    """Run a cell's unfinished stages (with `env` added to the environment) while holding its
+    folder; returns its final state, or "running" when another process holds it. `on_stage(stage)`
+    is called as each stage starts (for a progress display)."""
     status = folder.status()
-    if status["state"] == "done" or (status["state"] == "failed" and not retry_failed):
+    if settled(status, retry_failed):
         return status["state"]
+    try:
+        with RunLock(folder.path):
+            return run_stages(matrix, folder, retry_failed, env, on_stage)
+    except FolderInUse as error:
+        log.warning("cell %s skipped: %s", folder.cell.name, error)
+        return "running"
+
+
+def settled(status: dict, retry_failed: bool) -> bool:
+    """Whether a cell with this status is left as it is."""
+    return status["state"] == "done" or (status["state"] == "failed" and not retry_failed)
+
+
+def run_stages(
+    matrix: Matrix,
+    folder: CellFolder,
+    retry_failed: bool,
+    env: dict | None,
+    on_stage: Callable[[str], None] | None,
+) -> str:
+    """`run_cell`'s work, under the cell's lock."""
+    status = folder.status()  # again, under the lock: a sweep that held it may just have finished it
+    if settled(status, retry_failed):
+        return status["state"]
+    if status["state"] == "running":  # yet nobody holds it: its sweep was killed
+        log.warning("cell %s was interrupted in %s; continuing it", folder.cell.name, status.get("running"))
+        interrupted = [*status.get("interrupted", []), status.get("running")]
+        status = folder.write_status(state="interrupted", running=None, interrupted=interrupted)
     folder.write_plan()
     attempts = status.get("attempts", 0) + 1
     for stage in folder.remaining_stages():
@@ -176,7 +211,8 @@ def run_cell(
 
 
 def run_stage(args: list[str], log_path: Path, env: dict | None = None) -> str | None:
-    """Run `medsd ARGS` in a subprocess, appending to `log_path`; None on success, else the error."""
+    """Run `medsd ARGS` in a subprocess that dies with this one, appending to `log_path`; None on
+    success, else the error."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as out:
         out.write(f"\n$ medsd {' '.join(args)}\n")
@@ -185,7 +221,7 @@ def run_stage(args: list[str], log_path: Path, env: dict | None = None) -> str |
             [sys.executable, "-m", "experiments.cli", *args],
             stdout=out,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, **(env or {}), **child_environment()},
         )
     if result.returncode == 0:
         return None

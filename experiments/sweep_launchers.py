@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 
 from .matrix import Matrix
-from .sweep import CellFolder, in_sweep, run_cell, run_stage, stage_args
+from .sweep import CellFolder, in_sweep, run_cell, run_stage, settled, stage_args
 
 
 def add_launcher_arguments(parser: argparse.ArgumentParser) -> None:
@@ -134,7 +134,7 @@ def cell_job(matrix_path: str, out: str, cell_name: str, retry_failed: bool) -> 
     if rank == 0:
         return run_cell(matrix, folder, retry_failed)
     status = folder.status()
-    if status["state"] == "done" or (status["state"] == "failed" and not retry_failed):
+    if settled(status, retry_failed):
         return status["state"]
     if "fit" in folder.remaining_stages():
         log = folder.path / "logs" / f"fit.rank{rank}.log"
