@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 
 from .parent_death import die_with_parent
@@ -79,5 +80,26 @@ def main(argv: list[str] | None = None) -> None:
             MedsdCLI(args=argv)  # None: LightningCLI reads sys.argv itself
 
 
+def os_error_line(error: OSError) -> str:
+    """An OS error as one line naming its path(s): `runs/x/checkpoints: No space left on device`."""
+    if error.filename is None or error.strerror is None:
+        return str(error)  # medsd's own OSErrors (CheckpointWriteError) say it all already
+    paths = " -> ".join(str(p) for p in (error.filename, error.filename2) if p is not None)
+    return f"{paths}: {error.strerror}"
+
+
+def console() -> None:
+    """The `medsd` command: `main`, with an OS error (a full disk, a missing or unreadable file)
+    said in one line rather than as a traceback; MEDSD_TRACEBACK=1 shows the traceback."""
+    try:
+        main()
+    except OSError as error:
+        if os.environ.get("MEDSD_TRACEBACK"):
+            raise
+        command = sys.argv[1] if len(sys.argv) > 1 else ""
+        message = f"medsd {command}: error: {os_error_line(error)} (MEDSD_TRACEBACK=1 shows where)"
+        raise SystemExit(message) from None
+
+
 if __name__ == "__main__":
-    main()
+    console()

@@ -16,17 +16,19 @@ from contextlib import contextmanager
 
 import lightning as L
 from lightning.fabric.plugins import CheckpointIO
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from datamodules import ImageTextDataModule
+from experiments.config_errors import MedsdArgumentParser, original_error
 from experiments.run_lock import RunLock, is_global_rank_zero
 from lightning_modules import DiffusionModule
 from lightning_modules.checkpoint_io import AtomicCheckpointIO
 from lightning_modules.cost import CostAccounting
 from lightning_modules.guards import NonFiniteGuard
 from lightning_modules.randomness import StepSeeds
+from lightning_modules.run_checkpoints import RunCheckpoint
 
 
 class MedsdCLI(LightningCLI):
@@ -41,6 +43,8 @@ class MedsdCLI(LightningCLI):
             seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,  # strategies define their own optimiser
+            parser_class=MedsdArgumentParser,  # a wrong value said in one line (config_errors.py)
+            parser_kwargs={"prog": "medsd"},  # also when run in-process (tests, notebooks)
             args=args,
             run=run,
         )
@@ -51,15 +55,16 @@ class MedsdCLI(LightningCLI):
         return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/loss",
                 "checkpoint.mode": "min",
                 "checkpoint.save_last": True,
                 "checkpoint.save_top_k": 1,
-                "checkpoint.filename": "best-step{step}",
-                "checkpoint.auto_insert_metric_name": False,
+                # One fixed name: a new best replaces the old in one rename (run_checkpoints.py).
+                "checkpoint.filename": "best",
+                "checkpoint.enable_version_counter": False,
             }
         )
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
@@ -78,6 +83,15 @@ class MedsdCLI(LightningCLI):
             # Held until the fit returns (experiments/cli.py) or the process ends (run_lock.py).
             RunLock(config.trainer.default_root_dir).acquire()
 
+    def before_fit(self) -> None:
+        self.trainer.checkpoint_callback.refuse_fresh_start_over_checkpoints(
+            self.trainer, self.config_init[self.subcommand].ckpt_path
+        )
+
+    def instantiate_classes(self) -> None:
+        with unwrapped_instantiation_errors():
+            super().instantiate_classes()
+
     def instantiate_trainer(self, **kwargs):
         trainer_config = self._get(self.config_init, "trainer", default={})
         if trainer_config.get("logger") in (None, True):
@@ -91,6 +105,19 @@ class MedsdCLI(LightningCLI):
             plugins.append(AtomicCheckpointIO())  # checkpoints written whole (checkpoint_io.py)
         trainer_config["plugins"] = plugins
         return super().instantiate_trainer(**kwargs)
+
+
+@contextmanager
+def unwrapped_instantiation_errors():
+    """An error raised while building the model or the data reaches the user as itself, not as
+    the jsonargparse union dump it arrives in."""
+    try:
+        yield
+    except ValueError as error:
+        original = original_error(error)
+        if original is error:
+            raise
+        raise original from original.__cause__
 
 
 @contextmanager
@@ -132,7 +159,8 @@ def parse_config(*args: str):
 class _BuildCLI(_RunConfigCLI):
     def instantiate_classes(self) -> None:
         """The model and the data only: no Trainer, no run folder."""
-        self.config_init = self.parser.instantiate_classes(self.config)
+        with unwrapped_instantiation_errors():
+            self.config_init = self.parser.instantiate_classes(self.config)
         self.model = self._get(self.config_init, "model")
         self.datamodule = self._get(self.config_init, "data")
 

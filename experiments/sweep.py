@@ -101,8 +101,8 @@ def stage_args(matrix: Matrix, folder: CellFolder, stage: str) -> list[str]:
     config = ["--config", str(folder.run / "config.yaml")]  # the fit's resolved config
     if stage == "fit":
         args = ["fit", *folder.cell.fit_args, "--trainer.default_root_dir", str(folder.run)]
-        last = folder.run / "checkpoints" / "last.ckpt"
-        return args + (["--ckpt_path", str(last)] if last.is_file() else [])
+        # `last` resolves to the newest complete checkpoint (lightning_modules/run_checkpoints.py).
+        return args + (["--ckpt_path", "last"] if any((folder.run / "checkpoints").glob("*.ckpt")) else [])
     if stage in ("sample", "sample-augmentation"):
         options = dict(matrix.sample if stage == "sample" else matrix.augmentation_sample)
         out = folder.samples if stage == "sample" else folder.augmentation_samples
