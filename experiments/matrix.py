@@ -22,7 +22,9 @@ Config paths are relative to the matrix file. A labelled setting's `config` (a p
 adds config files; every other key is a dotted `medsd fit` override. A cell's arguments are the
 base configs, then its axes' settings in axis order (later ones win, as on the command line).
 A cell is named by its axes and labels, `strategy-lora__lr-0.001`, which is also its folder name
-(each part slugged: no matrix can name a folder outside its sweep).
+(each part slugged: no matrix can name a folder outside its sweep). For the same reason the
+sweep alone sets where stages write (`trainer.default_root_dir`, `checkpoint.dirpath`, `out` are
+refused in a matrix), and a `prepare` command's `--out` must lie under `{sweep}`.
 `{sweep}` anywhere in an argument or flag stands for the sweep's output folder, so that data a
 `prepare` command makes there can be named by the cells; in `prepare` commands, `{matrix}` stands
 for the matrix file's folder (for their config paths).
@@ -50,6 +52,9 @@ TOP_LEVEL = {
     "evaluate",
     "prepare",
 }
+# Settings that choose where a stage writes: the sweep sets them, so that every cell stays in its
+# own folder under the sweep's.
+OUTPUT_KEYS = {"trainer.default_root_dir", "checkpoint.dirpath"}
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,9 @@ class Matrix:
         if not spec.get("axes"):
             raise ValueError(f"{path}: a matrix needs at least one axis under 'axes'")
         folder = path.parent
+        for stage in ("sample", "augmentation_sample", "evaluate"):
+            if "out" in (spec.get(stage) or {}):
+                raise ValueError(f"{path}: {stage}: 'out' is set by the sweep (each cell's own folder)")
         base = _as_list(spec.get("base"))
         axes = {str(axis): _axis(path, str(axis), body, folder) for axis, body in spec["axes"].items()}
         matrix = cls(
@@ -164,6 +172,8 @@ def _axis(path: Path, axis: str, body, folder: Path) -> dict[str, tuple[str, ...
     if "key" in body or "values" in body:
         if set(body) != {"key", "values"} or not isinstance(body["values"], list) or not body["values"]:
             raise ValueError(f"{path}: axis '{axis}' over one key needs exactly 'key' and a list of 'values'")
+        if body["key"] in OUTPUT_KEYS:
+            raise ValueError(f"{path}: axis '{axis}': {body['key']} is set by the sweep")
         return {label_of(v): (f"--{body['key']}", label_of(v)) for v in body["values"]}
     labels = {}
     for label, settings in body.items():
@@ -174,6 +184,9 @@ def _axis(path: Path, axis: str, body, folder: Path) -> dict[str, tuple[str, ...
         for config in _as_list(settings.get("config")):
             args += ["--config", str((folder / config).resolve())]
         for key, value in settings.items():
+            if key in OUTPUT_KEYS:
+                raise ValueError(f"{path}: axis '{axis}', label '{label}': {key} is set by the sweep (each "
+                                 "cell writes in its own folder under the sweep's)")  # fmt: skip
             if key != "config":
                 args += [f"--{key}", label_of(value)]
         labels[label_of(label)] = tuple(args)

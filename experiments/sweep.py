@@ -131,12 +131,25 @@ def in_sweep(args: list[str], out: Path) -> list[str]:
     return [arg.replace("{sweep}", str(out)) for arg in args]
 
 
+def check_writes_in_sweep(args: list[str], out: Path) -> None:
+    """A prepare command's `--out` must lie in the sweep's folder: a matrix writes nowhere else."""
+    values = [b for a, b in zip(args, args[1:], strict=False) if a == "--out"]
+    values += [a.removeprefix("--out=") for a in args if a.startswith("--out=")]
+    for value in values:
+        if not Path(value).resolve().is_relative_to(out.resolve()):
+            raise SystemExit(
+                f"medsd sweep: the prepare command `medsd {' '.join(args)}` writes to {value}, outside the "
+                f"sweep's folder {out}: name it {{sweep}}/..."
+            )
+
+
 def run_prepare(matrix: Matrix, out: Path) -> None:
     """The matrix's `prepare` commands, each once: a finished one leaves a marker holding its
     command line, and is run again only if that line changes."""
     log_path = out / "logs" / "prepare.log"
     for number, args in enumerate(matrix.prepare):
         args = in_sweep(args, out)
+        check_writes_in_sweep(args, out)
         line = " ".join(args)
         marker = out / ".prepare" / f"{number}.done"
         if marker.is_file() and marker.read_text() == line:

@@ -103,6 +103,30 @@ def test_no_axis_or_matrix_name_writes_outside_the_sweep_folder(tmp_path):
     assert not outside.exists()
 
 
+@pytest.mark.parametrize(
+    "spec, refused",
+    [
+        (
+            {"axes": {"a": {"x": {"trainer.default_root_dir": "/elsewhere"}}}},
+            "trainer.default_root_dir is set by",
+        ),
+        ({"axes": {"a": {"key": "checkpoint.dirpath", "values": ["/x"]}}}, "checkpoint.dirpath is set by"),
+        ({"axes": {"a": {"x": {}}}, "sample": {"out": "/x"}}, "sample: 'out' is set by the sweep"),
+    ],
+)
+def test_a_matrix_cannot_choose_where_a_stage_writes(tmp_path, spec, refused):
+    with pytest.raises(ValueError, match=refused):
+        Matrix.load(write_matrix(tmp_path, spec))
+
+
+def test_a_prepare_command_writing_outside_the_sweep_is_refused(tmp_path):
+    spec = {"axes": {"a": {"x": {}}}, "prepare": ["phantoms --n 4 --out {sweep}/../escaped"]}
+    matrix = Matrix.load(write_matrix(tmp_path, spec))
+    with pytest.raises(SystemExit, match=r"writes to .*/s/\.\./escaped, outside the sweep's folder"):
+        run_prepare(matrix, tmp_path / "s")
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "s" / ".prepare").exists()
+
+
 # --- running ----------------------------------------------------------------------------------
 
 
