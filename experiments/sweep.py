@@ -131,10 +131,14 @@ def in_sweep(args: list[str], out: Path) -> list[str]:
     return [arg.replace("{sweep}", str(out)) for arg in args]
 
 
+# The flags by which a prepare command (medsd phantoms, prepare, fit, ...) says where it writes.
+WRITE_FLAGS = ("--out", "--trainer.default_root_dir")
+
+
 def check_writes_in_sweep(args: list[str], out: Path) -> None:
-    """A prepare command's `--out` must lie in the sweep's folder: a matrix writes nowhere else."""
-    values = [b for a, b in zip(args, args[1:], strict=False) if a == "--out"]
-    values += [a.removeprefix("--out=") for a in args if a.startswith("--out=")]
+    """A prepare command must write in the sweep's folder: a matrix writes nowhere else."""
+    values = [b for a, b in zip(args, args[1:], strict=False) if a in WRITE_FLAGS]
+    values += [a.split("=", 1)[1] for a in args if a.startswith(tuple(f"{f}=" for f in WRITE_FLAGS))]
     for value in values:
         if not Path(value).resolve().is_relative_to(out.resolve()):
             raise SystemExit(

@@ -119,9 +119,15 @@ def test_a_matrix_cannot_choose_where_a_stage_writes(tmp_path, spec, refused):
         Matrix.load(write_matrix(tmp_path, spec))
 
 
-def test_a_prepare_command_writing_outside_the_sweep_is_refused(tmp_path):
-    spec = {"axes": {"a": {"x": {}}}, "prepare": ["phantoms --n 4 --out {sweep}/../escaped"]}
-    matrix = Matrix.load(write_matrix(tmp_path, spec))
+@pytest.mark.parametrize(
+    "command",
+    [
+        "phantoms --n 4 --out {sweep}/../escaped",
+        "fit --config x.yaml --trainer.default_root_dir={sweep}/../escaped",
+    ],
+)
+def test_a_prepare_command_writing_outside_the_sweep_is_refused(tmp_path, command):
+    matrix = Matrix.load(write_matrix(tmp_path, {"axes": {"a": {"x": {}}}, "prepare": [command]}))
     with pytest.raises(SystemExit, match=r"writes to .*/s/\.\./escaped, outside the sweep's folder"):
         run_prepare(matrix, tmp_path / "s")
     assert not (tmp_path / "escaped").exists() and not (tmp_path / "s" / ".prepare").exists()
