@@ -7,6 +7,7 @@ command imports what it needs (Lightning, diffusers, ...) only when it runs.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import logging
 import os
@@ -35,6 +36,23 @@ COMMANDS = {
 # The project's packages, whose INFO messages (exports written, metrics skipped and why, sampler
 # and template choices) a user of the command should see.
 PACKAGES = ("lightning_modules", "datamodules", "experiments", "evaluation")
+
+
+# The top-level keys of a `medsd fit` config: what a command may pass on to its config parser.
+CONFIG_GROUPS = ("--config", "--data", "--model", "--trainer", "--seed_everything")
+
+
+def parse_with_config_args(parser: argparse.ArgumentParser, argv: list[str]):
+    """(args, config_args): `parser`'s own arguments, and the `medsd fit` config arguments
+    (`--config FILE`, `--data.init_args.root DIR`, ...) a command passes on to build a run's data
+    or model, where jsonargparse checks every key. Any other flag is an error naming it, so a
+    misspelt option (`--boostrap 1000`) never passes silently."""
+    args, rest = parser.parse_known_args(argv)
+    flags = [a for a in rest if a.startswith("--")]
+    unknown = [a for a in flags if a.split("=", 1)[0].split(".")[0] not in CONFIG_GROUPS]
+    if unknown or (rest and not rest[0].startswith("--")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or rest)}")
+    return args, rest
 
 
 def usage() -> str:

@@ -34,6 +34,7 @@ from evaluation.metrics.context import ClassifierFeatures, EvaluationContext
 from evaluation.sample_folder import Generated
 from evaluation.suite import PathFeatures, TensorFeatures
 from evaluation.vit_features import DINOv2Features, RadDinoFeatures
+from experiments.cli import parse_with_config_args
 from experiments.run_lock import RunLock
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -312,7 +313,7 @@ def main(argv: list[str]) -> None:
         for metric in registry():
             print(f"{metric.name}: {', '.join(metric.rows)}\n    needs {metric.needs}")
         return
-    args, config_args = parser.parse_known_args(argv)
+    args, config_args = parse_with_config_args(parser, argv)
     args.out = args.out or str(Path(args.generated) / "metrics")
     with RunLock(args.out):
         result = evaluate(args, config_args)

@@ -20,6 +20,7 @@ import numpy as np
 
 from datamodules.base import SPLITS, ImageTextDataModule, Record
 from datamodules.images import ImageLoadError, load_image
+from experiments.cli import parse_with_config_args
 from lightning_modules.backbones import build_clip_tokenizer
 from lightning_modules.prompts import PromptTokenizer
 
@@ -110,7 +111,7 @@ def main(argv: list[str]) -> None:
     )
     parser.add_argument("--max-tokens", type=int, default=77, help="the text encoder's prompt limit")
     parser.add_argument("--verify-images", action="store_true", help="decode every image, list failures")
-    args, config_args = parser.parse_known_args(argv)
+    args, config_args = parse_with_config_args(parser, argv)
     datamodule = build_datamodule(config_args)
     tokenizer = PromptTokenizer(build_clip_tokenizer(), max_length=args.max_tokens)
     json.dump(summarize(datamodule, tokenizer, args.verify_images), sys.stdout, indent=2)

@@ -44,7 +44,9 @@ class MedsdCLI(LightningCLI):
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,  # strategies define their own optimiser
             parser_class=MedsdArgumentParser,  # a wrong value said in one line (config_errors.py)
-            parser_kwargs={"prog": "medsd"},  # also when run in-process (tests, notebooks)
+            # prog: also when run in-process (tests, notebooks); omegaconf: `${...}` interpolation in
+            # configs (a value written once, e.g. the image size of the data and the validation).
+            parser_kwargs={"prog": "medsd", "parser_mode": "omegaconf"},
             args=args,
             run=run,
         )

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from datamodules.base import SPLITS, ImageTextCollate, ImageTextDataModule, ImageTextDataset
 from datamodules.cache import CacheWriter
+from experiments.cli import parse_with_config_args
 from lightning_modules import DiffusionModule
 from lightning_modules.conditioning import as_arrays
 from lightning_modules.export import atomic_directory
@@ -85,7 +86,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args, config_args = parser.parse_known_args(argv)
+    args, config_args = parse_with_config_args(parser, argv)
     module, datamodule = build_from_config(config_args)
     prepare_cache(
         datamodule, module.to(args.device), args.out, tuple(args.splits), args.batch_size, args.dtype

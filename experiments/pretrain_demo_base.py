@@ -14,6 +14,8 @@ never waits for this.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
 from pathlib import Path
 
@@ -36,7 +38,25 @@ def pretrain(out: Path, work: Path, vae_minutes: float, minutes: float) -> Path:
            "--model.init_args.vae", str(work / "vae" / "export"), *time_limit(minutes)])  # fmt: skip
     with atomic_directory(out) as scratch:
         shutil.copytree(work / "base" / "export", scratch, dirs_exist_ok=True)
+        without_machine_paths(scratch)
     return out
+
+
+# Where the manifest and diffusers' configs record the folders a model was made from.
+PATH_KEYS = ("base_model", "_name_or_path")
+
+
+def without_machine_paths(folder: Path) -> None:
+    """The folder ships with the package: the absolute paths of this machine its JSON files
+    record (informational in a self-contained pipeline) become relative to the working folder."""
+    for path in folder.rglob("*.json"):
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            continue
+        absolute = {k: v for k, v in data.items() if k in PATH_KEYS and os.path.isabs(str(v))}
+        if absolute:
+            data.update({k: os.path.relpath(v) for k, v in absolute.items()})
+            path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -70,6 +70,7 @@ from evaluation.sample_folder import (
     split_source,
     write_manifest,
 )
+from experiments.cli import parse_with_config_args
 from experiments.export_checkpoint import checkpoint_export
 from experiments.run_lock import for_rank
 from lightning_modules.pipelines import (
@@ -506,7 +507,7 @@ def default_device() -> str:
 
 def main(argv: list[str]) -> None:
     parser = build_parser()
-    args, overrides = parser.parse_known_args(argv)
+    args, overrides = parse_with_config_args(parser, argv)
     if overrides and not args.config:
         parser.error(f"unrecognized arguments: {' '.join(overrides)}")
     if bool(args.prompts) == bool(args.config):

@@ -1,0 +1,36 @@
+"""A misspelt flag on any medsd command exits non-zero naming it: none is passed on silently."""
+
+import pytest
+
+from experiments.cli import main as medsd
+
+COMMANDS = {
+    "evaluate": ["--generated", "g", "--real-folder", "r"],
+    "sample": ["src", "--out", "o", "--prompts", "p.txt"],
+    "prepare": ["--out", "o", "--config", "c.yaml"],
+    "inspect-data": ["--config", "c.yaml"],
+    "export": ["run"],
+    "phantoms": ["--layout", "mimic-cxr", "--n", "2", "--out", "o"],
+    "sweep": ["m.yaml"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_a_misspelt_flag_is_refused_by_name(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        medsd([command, *COMMANDS[command], "--boostrap", "1000"])
+    assert exit_.value.code == 2
+    assert "unrecognized arguments: --boostrap" in capsys.readouterr().err
+
+
+def test_config_arguments_are_passed_on_and_a_stray_value_is_not(capsys):
+    from experiments.cli import parse_with_config_args
+    from experiments.evaluate import build_parser
+
+    parser = build_parser()
+    passed_on = ["--config", "c.yaml", "--data.init_args.root", "d", "--trainer=x"]
+    args, config_args = parse_with_config_args(parser, ["--generated", "g", *passed_on])
+    assert args.generated == "g" and config_args == passed_on
+    with pytest.raises(SystemExit):
+        parse_with_config_args(parser, ["--generated", "g", "stray"])
+    assert "unrecognized arguments: stray" in capsys.readouterr().err
