@@ -42,6 +42,7 @@ from torchvision.models import densenet121
 from datamodules.base import Record, stack_labels
 from datamodules.images import load_image, to_rgb
 from datamodules.safe_load import load_checkpoint
+from datamodules.tables import check_choice
 
 from .features import xrv_densenet
 
@@ -97,9 +98,9 @@ class ClassifierSettings:
     num_workers: int = 0
 
     def __post_init__(self):
-        _check_choice("arch", self.arch, ARCHS)
-        _check_choice("uncertain", self.uncertain, UNCERTAIN_POLICIES)
-        _check_choice("blank", self.blank, BLANK_POLICIES)
+        check_choice("arch", self.arch, ARCHS)
+        check_choice("uncertain", self.uncertain, UNCERTAIN_POLICIES)
+        check_choice("blank", self.blank, BLANK_POLICIES)
         if self.pretrained_weights is not None and self.arch == "tiny":
             raise ValueError("pretrained_weights are DenseNet-121 weights: not for arch 'tiny'")
         if self.threshold != "validation" and not (
@@ -213,8 +214,8 @@ def label_targets(labels: torch.Tensor, uncertain: str = "ignore", blank: str = 
 
     Blank (NaN) follows `blank`, uncertain (-1) follows `uncertain` (see ClassifierSettings).
     """
-    _check_choice("uncertain", uncertain, UNCERTAIN_POLICIES)
-    _check_choice("blank", blank, BLANK_POLICIES)
+    check_choice("uncertain", uncertain, UNCERTAIN_POLICIES)
+    check_choice("blank", blank, BLANK_POLICIES)
     _check_values(labels)
     is_blank, is_uncertain = torch.isnan(labels), labels == -1
     targets = (labels == 1).float()
@@ -241,7 +242,7 @@ def masked_bce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) 
 def build_network(arch: str, n_labels: int, pretrained_weights: str | None = None) -> nn.Module:
     """A network with `n_labels` logits: a DenseNet-121 (optionally pretrained, see
     ClassifierSettings) or a tiny CNN."""
-    _check_choice("arch", arch, ARCHS)
+    check_choice("arch", arch, ARCHS)
     if arch == "tiny":
         return _tiny_cnn(n_labels)
     if arch == "xrv-densenet121":
@@ -530,11 +531,6 @@ def _macro(per_label: dict[str, dict]) -> dict:
 
 
 # --- checks --------------------------------------------------------------------------------------
-
-
-def _check_choice(name: str, value, choices: Sequence) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
 def _check_values(labels: torch.Tensor) -> None:

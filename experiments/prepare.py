@@ -18,12 +18,12 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from datamodules.atomic import atomic_directory
 from datamodules.base import SPLITS, ImageTextCollate, ImageTextDataModule, ImageTextDataset
 from datamodules.cache import CacheWriter
 from experiments.cli import parse_with_config_args
 from lightning_modules import DiffusionModule
 from lightning_modules.conditioning import as_arrays
-from lightning_modules.export import atomic_directory
 
 log = logging.getLogger(__name__)
 

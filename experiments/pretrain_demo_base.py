@@ -19,7 +19,7 @@ import os
 import shutil
 from pathlib import Path
 
-from lightning_modules.export import atomic_directory
+from datamodules.atomic import atomic_directory
 
 from .cli import main as medsd
 

@@ -56,7 +56,6 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from datamodules.atomic import write_atomically
@@ -73,6 +72,7 @@ from evaluation.sample_folder import (
 from experiments.cli import parse_with_config_args
 from experiments.export_checkpoint import checkpoint_export
 from experiments.run_lock import for_rank
+from lightning_modules.cost import flop_count
 from lightning_modules.pipelines import (
     IncompatibleSamplerError,
     export_manifest,
@@ -412,9 +412,9 @@ class SamplingMeter:
     def measure(self, n_images: int, count_flops: bool):
         start = time.perf_counter()
         if count_flops:
-            with FlopCounterMode(display=False) as counter:
+            with flop_count() as total:
                 yield
-            self.flops_per_image = counter.get_total_flops() / n_images
+            self.flops_per_image = total() / n_images
         else:
             yield
             self.seconds += time.perf_counter() - start

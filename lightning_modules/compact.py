@@ -26,6 +26,8 @@ from diffusers import (
 )
 from transformers import AutoConfig
 
+from datamodules.atomic import atomic_directory
+
 from .backbones import (
     SD_SCHEDULE,
     TINY_BERT,
@@ -38,7 +40,7 @@ from .backbones import (
 )
 from .diffusion import DiffusionModule, adamw_with_schedule
 from .domain_text_encoder import _pipeline, save_domain_text_export
-from .export import atomic_directory, write_manifest
+from .export import write_export_manifest
 from .guards import refuse_non_finite_weights
 from .pipelines import resolve_source
 from .settings import Objective, Optimizer, Validation
@@ -168,7 +170,7 @@ class VAETraining(L.LightningModule):
             refuse_non_finite_weights(self, f"the export {folder}")
             with atomic_directory(folder) as scratch:
                 self.vae.save_pretrained(scratch, safe_serialization=True)
-                write_manifest(
+                write_export_manifest(
                     scratch,
                     strategy=type(self).__name__,
                     format="diffusers-autoencoder",

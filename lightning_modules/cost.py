@@ -21,7 +21,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import lightning as L
@@ -51,11 +52,19 @@ def parameter_counts(module: nn.Module) -> dict[str, int]:
     }
 
 
-def count_flops(run) -> int:
-    """FLOPs of everything `run()` computes, forward and backward."""
+@contextmanager
+def flop_count() -> Iterator[Callable[[], int]]:
+    """The one FLOP counter of training and sampling: the FLOPs computed inside the block
+    (forward and backward), returned by the function it yields once the block is done."""
     with FlopCounterMode(display=False) as counter:
+        yield lambda: int(counter.get_total_flops())
+
+
+def count_flops(run) -> int:
+    """FLOPs of everything `run()` computes."""
+    with flop_count() as total:
         run()
-    return int(counter.get_total_flops())
+    return total()
 
 
 def first_example(batch: dict) -> dict:

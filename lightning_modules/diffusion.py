@@ -21,11 +21,12 @@ from diffusers.training_utils import EMAModel
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
+from datamodules.atomic import atomic_directory
 from datamodules.cache import CacheMismatchError, PreparedCache
 
 from .backbones import BackboneSpec, build_sampler, load_backbone
 from .conditioning import Conditioning, as_arrays, concat_rows, from_arrays, repeat_rows
-from .export import atomic_directory, write_manifest
+from .export import write_export_manifest
 from .guards import refuse_non_finite_weights
 from .modes import in_eval_mode, set_modes
 from .objectives import (
@@ -586,7 +587,7 @@ class DiffusionModule(L.LightningModule):
         with self.use_ema_weights(), atomic_directory(folder) as scratch:
             refuse_non_finite_weights(self, f"the export {folder}")
             extra = self.export(scratch)
-            write_manifest(
+            write_export_manifest(
                 scratch,
                 **extra,
                 strategy=type(self).__name__,

@@ -18,7 +18,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from .backbones import TINY_BERT, build_sampler, load_text_encoder
 from .diffusion import DiffusionModule, trainable_parameters
-from .export import read_manifest
+from .export import read_export_manifest
 from .prompts import PromptTokenizer
 
 PROJECTION_FILE = "text_projection.safetensors"
@@ -173,7 +173,7 @@ def load_domain_text_pipeline(folder: str | Path) -> DomainTextPipeline:
     """Load an export written by `save_domain_text_export` (a `DomainTextEncoderFineTuning` run, or a
     `CompactDiffusion` one with a BERT-like encoder)."""
     folder = Path(folder)
-    manifest = read_manifest(folder)
+    manifest = read_export_manifest(folder)
     if manifest.get("loader") != DOMAIN_TEXT_LOADER:
         raise ValueError(f"{folder} holds a {manifest.get('strategy')} export, not a domain text one")
     text_encoder = AutoModel.from_pretrained(folder / "text_encoder").eval()

@@ -26,6 +26,8 @@ from diffusers import (
 )
 from PIL import Image
 
+from datamodules.atomic import recover_interrupted
+
 from .backbones import (
     TINY_SD,
     TINY_SD2,
@@ -36,7 +38,7 @@ from .backbones import (
     local_name,
 )
 from .domain_text_encoder import DOMAIN_TEXT_LOADER, DomainTextPipeline, load_domain_text_pipeline
-from .export import MANIFEST, read_manifest, recover_interrupted
+from .export import MANIFEST, read_export_manifest
 from .flux import TINY_FLUX, tiny_flux_pipeline
 from .kandinsky import (
     TINY_KANDINSKY,
@@ -90,7 +92,7 @@ def resolve_source(source: str | Path) -> Path | str:
 def export_manifest(source: Path | str) -> dict | None:
     """The `medsd_export.json` of a resolved source, or None when it is not a medsd export."""
     if isinstance(source, Path) and (source / MANIFEST).is_file():
-        return read_manifest(source)
+        return read_export_manifest(source)
     return None
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from .export import recover_interrupted
+from datamodules.atomic import recover_interrupted
 
 log = logging.getLogger(__name__)
 

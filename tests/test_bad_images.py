@@ -19,9 +19,9 @@ from datamodules.base import SKIPPED_IMAGES, TooManyBadImagesError
 from experiments.prepare import prepare_cache
 from lightning_modules import FineTuning
 from lightning_modules.backbones import BackboneSpec
-from tests.fit_helpers import tiny_fit
+from tests.helpers.fit import tiny_fit
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def write_dataset(root: Path, splits: dict[str, int], corrupt: set[int] = frozenset()) -> Path:

@@ -13,7 +13,9 @@ from experiments.cli import main as medsd
 from experiments.prepare import prepare_cache
 from lightning_modules import FineTuning, Objective, TextualInversion
 from lightning_modules.backbones import BackboneSpec
-from tests.cache_helpers import data, shapes_folder
+from tests.helpers.cache import data, shapes_folder
+
+pytestmark = pytest.mark.slow
 
 TINY = BackboneSpec("medsd/tiny-sd")
 

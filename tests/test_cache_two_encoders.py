@@ -9,7 +9,7 @@ import torch
 from experiments.prepare import prepare_cache
 from lightning_modules import FluxLoRA, Objective, SDXLLoRAFineTuning, Validation
 from lightning_modules.backbones import BackboneSpec
-from tests.cache_helpers import data, quiet_trainer, shapes_folder
+from tests.helpers.cache import data, quiet_trainer, shapes_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

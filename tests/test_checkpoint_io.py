@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from datamodules.atomic import atomic_directory
 from datamodules.safe_load import load_checkpoint
 from lightning_modules.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
-from lightning_modules.export import MANIFEST, atomic_directory, read_manifest, write_manifest
+from lightning_modules.export import MANIFEST, read_export_manifest, write_export_manifest
 from lightning_modules.pipelines import resolve_source
-from tests.fit_helpers import tiny_fit
+from tests.helpers.fit import tiny_fit
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def fit(root: Path, steps: int, *extra: str) -> None:
@@ -64,12 +65,12 @@ def test_an_export_replacement_killed_between_its_renames_is_recovered(tmp_path)
     (aside / MANIFEST).write_text('{"strategy": "FineTuning"}')
     (scratch / "unet").mkdir(parents=True)
     assert resolve_source(run) == (run / "export").resolve()
-    assert read_manifest(run / "export")["strategy"] == "FineTuning"
+    assert read_export_manifest(run / "export")["strategy"] == "FineTuning"
     assert sorted(p.name for p in run.iterdir()) == ["export"]
 
     (run / ".export.again").mkdir()
     with atomic_directory(run / "export") as folder:
-        write_manifest(folder, strategy="LoRAFineTuning")
+        write_export_manifest(folder, strategy="LoRAFineTuning")
     assert sorted(p.name for p in run.iterdir()) == ["export"]
     umask = os.umask(0)
     os.umask(umask)

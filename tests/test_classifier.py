@@ -41,7 +41,7 @@ EFFUSION = "Pleural Effusion"
 TINY = ClassifierSettings(arch="tiny", image_size=64, epochs=10, lr=1e-3, batch_size=32)
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from experiments.lightning_cli import MedsdCLI, build_datamodule
 from lightning_modules import CompactDiffusion, VAETraining, load_domain_text_pipeline
 from lightning_modules.backbones import TINY_BERT, TINY_CLIP, build_tiny_backbone, build_tiny_bert
 from lightning_modules.domain_text_encoder import DomainTextPipeline
-from lightning_modules.export import read_manifest as read_export_manifest
+from lightning_modules.export import read_export_manifest
 from lightning_modules.objectives import diffusion_loss, sample_noise, sample_timesteps
 from lightning_modules.pipelines import diffusers_pipeline, load_pipeline
 from lightning_modules.settings import Objective
@@ -24,7 +24,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "tin
 TEXT_MODELS = [TINY_CLIP, TINY_BERT]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def fit(config: str, root: Path, *overrides: str) -> MedsdCLI:

@@ -12,6 +12,8 @@ from experiments.cli import main as medsd
 from lightning_modules import TextualInversion
 from lightning_modules.cost import count_flops, parameter_counts
 
+pytestmark = pytest.mark.slow
+
 TINY = "experiments/configs/tiny"
 
 

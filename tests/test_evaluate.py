@@ -11,7 +11,9 @@ import torch_fidelity
 from datamodules.synthetic import make_shape_image
 from evaluation.sample_folder import Generated
 from experiments.cli import main as medsd
-from tests.evaluation_helpers import random_inception_weights
+from tests.helpers.evaluation import random_inception_weights
+
+pytestmark = pytest.mark.slow
 
 SIZE = 176  # MS-SSIM's five scales need more than 160 px
 

@@ -23,7 +23,9 @@ from evaluation.sample_folder import SETTINGS_FILE, split_source, write_manifest
 from evaluation.suite import load_uint8
 from experiments.cli import main as medsd
 from experiments.sample import Item, manifest_rows, prompts_from_records
-from tests.evaluation_helpers import random_inception_weights, tiny_open_clip
+from tests.helpers.evaluation import random_inception_weights, tiny_open_clip
+
+pytestmark = pytest.mark.slow
 
 CONFIG = Path(__file__).resolve().parents[1] / "experiments/configs/tiny/phantoms/mimic_cxr.yaml"
 SIZE = 176  # MS-SSIM's five scales need more than 160 px

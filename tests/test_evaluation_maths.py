@@ -20,6 +20,8 @@ from evaluation.kid import kernel_inception_distance, kid_bootstrap_ci, polynomi
 from evaluation.ms_ssim import cross_prompt_diversity, intra_prompt_diversity, ms_ssim_pairs, to_grayscale
 from evaluation.statistics import FeatureStatistics, frechet_distance, frechet_distance_of_samples
 
+pytestmark = pytest.mark.slow
+
 
 def sqrtm_frechet(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray) -> float:
     return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2)).real)

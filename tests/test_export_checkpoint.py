@@ -14,7 +14,7 @@ from experiments.lightning_cli import MedsdCLI
 
 CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "tiny" / "unet.yaml"
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 import torchxrayvision as xrv
 
 from evaluation.features import CLIPFeatures, InceptionFeatures, MissingWeightsError, XRVFeatures
-from tests.evaluation_helpers import random_inception_weights, tiny_open_clip
+from tests.helpers.evaluation import random_inception_weights, tiny_open_clip
 
 
 def images(n: int, size: int, seed: int = 0) -> torch.Tensor:

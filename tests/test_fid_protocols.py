@@ -24,9 +24,10 @@ from evaluation.fid_protocols import (
 )
 from evaluation.statistics import FeatureStatistics, frechet_distance
 from evaluation.suite import load_uint8
-from tests.evaluation_helpers import random_inception_weights, tiny_open_clip
+from tests.helpers.evaluation import random_inception_weights, tiny_open_clip
 
 pytestmark = [
+    pytest.mark.slow,
     # TorchScript (the format of clean-fid's Inception) is deprecated in recent torch, still supported.
     pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning"),
     # clean-fid's own Fréchet distance passes an argument SciPy deprecates.

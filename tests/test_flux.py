@@ -14,7 +14,7 @@ from evaluation.sample_folder import read_manifest
 from experiments.cli import main as medsd
 from experiments.lightning_cli import MedsdCLI
 from lightning_modules import BackboneNotFoundError, BackboneSpec, FluxLoRA, Objective
-from lightning_modules.export import read_manifest as read_export_manifest
+from lightning_modules.export import read_export_manifest
 from lightning_modules.flux import (
     FlowMatching,
     build_tiny_flux,
@@ -30,7 +30,7 @@ CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "tiny
 PROMPTS = ["a bright circle on the left", "a bright square on the right"]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,8 @@ from PIL import Image
 import datamodules.images as images
 from datamodules.images import ImageLoadError, ImageTransform, load_image, set_max_image_pixels
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 GIB_IN_KIB = 1024 * 1024
 

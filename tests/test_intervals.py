@@ -9,6 +9,8 @@ import pytest
 from evaluation.bootstrap import bootstrap_ci, fid_interval
 from evaluation.statistics import frechet_distance_of_samples
 
+pytestmark = pytest.mark.slow
+
 DIM, N = 64, 500
 
 

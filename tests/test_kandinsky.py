@@ -21,13 +21,13 @@ from experiments.lightning_cli import MedsdCLI
 from lightning_modules import BackboneNotFoundError, BackboneSpec, KandinskyDecoderTuning, Objective
 from lightning_modules.kandinsky import LORA_WEIGHTS, TINY_KANDINSKY, build_tiny_kandinsky, load_kandinsky
 from lightning_modules.pipelines import base_pipeline, load_pipeline, render
-from tests.kandinsky_helpers import save_tiny_kandinsky
+from tests.helpers.kandinsky import save_tiny_kandinsky
 
 CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "tiny" / "kandinsky_lora.yaml"
 PROMPTS = ["a bright circle on the left", "a bright square on the right"]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import torch
 
 from experiments.prepare import prepare_cache
 from lightning_modules import KandinskyDecoderTuning, Validation
-from tests.cache_helpers import data, quiet_trainer, shapes_folder
+from tests.helpers.cache import data, quiet_trainer, shapes_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -15,10 +15,10 @@ from safetensors.torch import load_file
 
 from experiments.cli import main as medsd
 from lightning_modules.run_checkpoints import RunCheckpoint
-from tests.fit_helpers import tiny_fit, tiny_fit_args
-from tests.kill_helpers import run_killed
+from tests.helpers.fit import tiny_fit, tiny_fit_args
+from tests.helpers.kill import run_killed
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 UNET = Path("export") / "unet" / "diffusion_pytorch_model.safetensors"
 

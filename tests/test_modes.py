@@ -14,9 +14,9 @@ from torch import nn
 from experiments.cli import main as medsd
 from lightning_modules.flux import tiny_flux_pipeline
 from lightning_modules.sdxl import tiny_sdxl_pipeline
-from tests.kandinsky_helpers import save_tiny_kandinsky
+from tests.helpers.kandinsky import save_tiny_kandinsky
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 TINY = "experiments/configs/tiny"
 DEMO_BASE = "medsd/demo-base"  # lightning_modules/demo_base, a diffusers folder

@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 from datamodules.safe_load import load_checkpoint
 from lightning_modules import BackboneSpec, FineTuning
 from lightning_modules.guards import NonFiniteError, NonFiniteGuard, non_finite
-from tests.fit_helpers import tiny_fit
+from tests.helpers.fit import tiny_fit
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 DIVERGING = ["--model.init_args.optimizer.lr", "1e6"]  # the weights blow up within a few steps
 

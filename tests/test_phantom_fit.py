@@ -9,6 +9,8 @@ from datamodules.phantoms import write_phantoms
 from experiments.cli import main as medsd
 from experiments.lightning_cli import build_from_config
 
+pytestmark = pytest.mark.slow
+
 CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "tiny" / "phantoms"
 LAYOUTS = {"mimic_cxr": "mimic-cxr", "rocov2": "rocov2", "medvqa_gi": "medvqa-gi"}
 

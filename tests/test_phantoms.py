@@ -17,6 +17,8 @@ from datamodules.phantoms import LAYOUTS, write_phantoms
 from datamodules.phantoms.chest import SIZES, ChestFindings, draw_chest, sample_findings
 from datamodules.phantoms.mimic import LABELS, METADATA_COLUMNS
 
+pytestmark = pytest.mark.slow
+
 SECTION = re.compile(r"\n ([A-Z ()/,-]+):\s")  # the official MIMIC-CXR section splitter's pattern
 
 

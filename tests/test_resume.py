@@ -5,9 +5,9 @@ import torch
 from safetensors.torch import load_file
 
 from lightning_modules.randomness import step_seed
-from tests.fit_helpers import tiny_fit
+from tests.helpers.fit import tiny_fit
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def fit(root, steps: int, *extra: str) -> dict[str, torch.Tensor]:

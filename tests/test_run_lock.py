@@ -19,7 +19,9 @@ from experiments import sweep
 from experiments.cli import main as medsd
 from experiments.matrix import Matrix
 from experiments.run_lock import LOCK_NAME, RANK_VARIABLES, FolderInUse, RunLock, _process_start, for_rank
-from tests.fit_helpers import tiny_fit
+from tests.helpers.fit import tiny_fit
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 HOLD = (

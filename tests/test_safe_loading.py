@@ -15,6 +15,8 @@ from evaluation.fid_protocols import torchmetrics_inception
 from experiments.cli import main as medsd
 from experiments.export_checkpoint import export_checkpoint
 
+pytestmark = pytest.mark.slow
+
 TINY = Path("experiments/configs/tiny")
 
 

@@ -34,7 +34,7 @@ KINDS = ["unet", "lora", "textual_inversion", "domain_text_encoder"]
 PROMPTS = ["a bright circle on the left", "a bright square on the right"]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "tiny
 PROMPTS = ["a bright circle on the left", "a bright square on the right"]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

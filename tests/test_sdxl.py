@@ -10,6 +10,8 @@ from experiments.lightning_cli import build_from_config
 from lightning_modules.pipelines import load_pipeline
 from lightning_modules.sdxl import build_tiny_sdxl, second_encoder_ids, tiny_sdxl_pipeline
 
+pytestmark = pytest.mark.slow
+
 TINY = "experiments/configs/tiny"
 PROMPTS = ["a bright circle on the left", "a square"]
 

@@ -7,9 +7,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from datamodules import MIMICCXRDataModule
 from datamodules.phantoms import write_phantoms
 from lightning_modules.backbones import DEMO_BASE_DIR
+
+pytestmark = pytest.mark.slow
 
 PLAIN = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks" / "plain_first_step.py"
 

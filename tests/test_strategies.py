@@ -12,6 +12,8 @@ from lightning_modules import load_domain_text_pipeline
 from lightning_modules.backbones import build_tiny_backbone, build_tiny_bert
 from lightning_modules.pipelines import tiny_pipeline
 
+pytestmark = pytest.mark.slow
+
 CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "tiny"
 
 

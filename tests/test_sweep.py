@@ -15,7 +15,9 @@ from experiments import sweep_launchers
 from experiments.cli import main as medsd
 from experiments.matrix import Matrix, slug
 from experiments.sweep import in_sweep, plan, run_prepare, stage_args
-from tests.evaluation_helpers import random_inception_weights
+from tests.helpers.evaluation import random_inception_weights
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "experiments" / "configs" / "tiny"

@@ -10,8 +10,7 @@ import pytest
 
 from experiments.cli import main as medsd
 from experiments.lightning_cli import MedsdCLI
-from lightning_modules.export import MANIFEST
-from lightning_modules.export import read_manifest as read_export_manifest
+from lightning_modules.export import MANIFEST, read_export_manifest
 
 CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "tiny" / "textual_inversion.yaml"
 PROMPTS = ["a bright circle on the left", "a bright square on the right"]

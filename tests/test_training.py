@@ -14,6 +14,8 @@ from lightning_modules import FineTuning, Optimizer
 from lightning_modules.backbones import build_tiny_backbone
 from lightning_modules.diffusion import cast_frozen_parameters
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -63,7 +65,7 @@ def test_ddp_ranks_end_with_identical_weights(tmp_path):
         "4",
         "--trainer.val_check_interval",
         "2",
-        "--trainer.callbacks+=tests.ddp_helpers.SaveTrainableWeights",
+        "--trainer.callbacks+=tests.helpers.ddp.SaveTrainableWeights",
     ]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

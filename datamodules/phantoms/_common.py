@@ -9,8 +9,6 @@ The drawing helpers work on coordinate grids in units of the image width, so an 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,31 +17,22 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from ..atomic import atomic_directory
+
 JPEG_QUALITY = 90
 ALNUM = np.array(list("abcdefghijklmnopqrstuvwxyz0123456789"))
 
 
 @contextmanager
 def atomic_output(out: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh hidden folder next to `out`; when the block succeeds it becomes `out` in a
-    single os.replace, so readers see either no dataset or a complete one.
-
-    `out` must not exist or be an empty folder: swapping out a non-empty folder cannot be done
-    atomically, and silently deleting someone's data would be worse. On an exception the
-    temporary folder is removed; a killed process can leave it behind, never a half `out`.
-    """
+    """Yield a scratch folder that becomes `out` when the block succeeds (datamodules.atomic), so
+    readers see either no dataset or a complete one. `out` must not exist or be an empty folder:
+    phantoms never replace someone's data."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an empty folder; phantoms go to a new folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        yield tmp
-        tmp.chmod(0o755)  # mkdtemp makes it private; the dataset should be readable like any folder
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_directory(out) as scratch:
+        yield scratch
 
 
 def save_jpeg(img: Image.Image, path: Path) -> None:

@@ -1,6 +1,6 @@
 """`medsd` killed by SIGKILL at a chosen rename, as a kill -9 at the worst moment would leave it.
 
-    python -m tests.kill_helpers before last.ckpt 1 fit --config ...
+    python -m tests.helpers.kill before last.ckpt 1 fit --config ...
 
 runs `medsd fit --config ...` and kills it (no cleanup, no finally, no atexit) at the first
 rename onto a file or folder named `last.ckpt`, just before it (`before`) or just after (`after`).
@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def kill_at_rename(when: str, name: str, nth: int) -> None:
@@ -42,7 +42,7 @@ def kill_at_rename(when: str, name: str, nth: int) -> None:
 
 def run_killed(when: str, name: str, nth: int, *medsd_args: str) -> None:
     """Run `medsd ARGS` in a child killed at the `nth` rename onto `name`; assert it was."""
-    command = [sys.executable, "-m", "tests.kill_helpers", when, name, str(nth), *medsd_args]
+    command = [sys.executable, "-m", "tests.helpers.kill", when, name, str(nth), *medsd_args]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == -signal.SIGKILL, f"not killed (rc {done.returncode}):\n{done.stderr[-3000:]}"
 

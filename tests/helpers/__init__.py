@@ -1,0 +1,1 @@
+"""What several test modules share: tiny fits, saved tiny models, synthetic data, kill points."""
