@@ -5,8 +5,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from experiments import evaluate, sample
+from experiments.cli import parse_with_config_args
 from experiments.lightning_cli import parse_config
 from experiments.matrix import Matrix
+from experiments.sweep import plan, stage_args
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 YAML_FILES = sorted(EXPERIMENTS.rglob("*.yaml"))
@@ -22,6 +25,7 @@ def is_matrix(path: Path) -> bool:
     return "axes" in (yaml.safe_load(path.read_text()) or {})
 
 
+STAGE_PARSERS = {"sample": sample.build_parser, "evaluate": evaluate.build_parser}
 RUN_CONFIGS = [p for p in YAML_FILES if is_run_config(p)]
 MATRICES = [p for p in YAML_FILES if is_matrix(p)]
 
@@ -93,3 +97,27 @@ def test_dotted_overrides_and_later_files_win(tmp_path):
     assert config.model.init_args.optimizer.lr == 0.5
     assert config.trainer.max_steps == 3
     assert config.model.init_args.ema_decay == 0.99  # untouched keys survive the composition
+
+
+def parse_stage(matrix: Matrix, stage: str, out: Path):
+    """A cell's `medsd sample` / `medsd evaluate` arguments, parsed as the command parses them."""
+    folder = plan(matrix, out)[0]
+    command, *args = stage_args(matrix, folder, stage)
+    return parse_with_config_args(STAGE_PARSERS[command](), args)
+
+
+@pytest.mark.parametrize("path", MATRICES, ids=lambda p: p.stem)
+def test_every_matrix_sample_and_evaluate_block_parses(path, tmp_path):
+    matrix = Matrix.load(path)
+    for stage in ("sample", "evaluate") + (("sample-augmentation",) if matrix.augmentation_sample else ()):
+        parse_stage(matrix, stage, tmp_path)
+
+
+@pytest.mark.parametrize("block", ["sample", "evaluate"])
+def test_a_misspelt_key_in_a_matrix_block_is_named(block, tmp_path, capsys):
+    matrix_file = tmp_path / "m.yaml"
+    stage = {"sample": {"per-promt": 4}, "evaluate": {"boostrap": 1000}}[block]
+    matrix_file.write_text(yaml.safe_dump({"axes": {"a": {"x": {}}}, block: stage}))
+    with pytest.raises(SystemExit):
+        parse_stage(Matrix.load(matrix_file), block, tmp_path / "sweep")
+    assert f"unrecognized arguments: --{next(iter(stage))}" in capsys.readouterr().err
