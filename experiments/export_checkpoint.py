@@ -17,7 +17,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from lightning_modules.export import MANIFEST
+from lightning_modules.export import MANIFEST, write_export
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def export_checkpoint(run: str | Path, which: str = "best", out: str | Path | No
     checkpoint = load_checkpoint(path)
     module.load_trained(checkpoint)
     folder = Path(out) if out else export_folder(run, path)
-    module.eval().write_export(folder, checkpoint["global_step"])
+    write_export(module.eval(), folder, checkpoint["global_step"])
     log.info("exported %s (step %d) to %s", path.name, checkpoint["global_step"], folder)
     return folder
 

@@ -7,28 +7,23 @@ a prompt becomes the U-Net's conditioning, and what its export looks like.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
 import torch
-import torchvision
 from diffusers import StableDiffusionPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
-from datamodules.atomic import atomic_directory
 from datamodules.cache import CacheMismatchError, PreparedCache
 
 from .backbones import BackboneSpec, build_sampler, load_backbone
 from .conditioning import Conditioning, as_arrays, concat_rows, from_arrays, repeat_rows
-from .export import write_export_manifest
-from .guards import refuse_non_finite_weights
-from .modes import in_eval_mode, set_modes
+from .export import export_at_fit_end
+from .modes import set_modes
 from .objectives import (
     diffusion_loss,
     drop_captions,
@@ -40,6 +35,7 @@ from .objectives import (
 from .prompts import PromptTokenizer
 from .settings import Objective, Optimizer, Validation
 from .sharding import check_sharding_settings, is_sharded, unwrapped_name
+from .validation_images import log_grid, pipeline_images, render_rank_share
 
 log = logging.getLogger(__name__)
 
@@ -404,7 +400,7 @@ class DiffusionModule(L.LightningModule):
             # Rendered here rather than at the epoch's end: inside a step, FSDP has gathered the
             # weights outside its units (a no-op without FSDP). Not in the sanity check before
             # training, where it would only delay the first step with the base model's images.
-            self._validation_images = self.render_validation_prompts()
+            self._validation_images = render_rank_share(self)
         return self._evaluation_loss(batch, batch_idx, "val")
 
     def test_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -504,30 +500,9 @@ class DiffusionModule(L.LightningModule):
         """The image side the model generates by default."""
         return self.unet.config.sample_size * pipe.vae_scale_factor
 
-    @torch.no_grad()
-    @in_eval_mode
     def generate(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
-        """One image per (prompt, seed) as [N, 3, H, W] in [0, 1]; CPU generators, so the
-        same seed gives the same starting noise on any device."""
-        v = self.validation
-        pipe = self.build_pipeline(v.sampler)
-        pipe.set_progress_bar_config(disable=True)
-        size = v.resolution or self.native_resolution(pipe)
-        # The denoising loop runs in the Trainer's precision; decoding is done in fp32 (or the
-        # VAE's bf16) by decode_latents, where the fp16 VAE's overflow cannot reach it.
-        trainer = self._trainer
-        precision = trainer.precision_plugin.forward_context() if trainer else nullcontext()
-        with precision:
-            latents = pipe(
-                **self.pipeline_prompts(prompts),
-                num_inference_steps=v.num_inference_steps,
-                guidance_scale=v.guidance_scale,
-                generator=[torch.Generator().manual_seed(s) for s in seeds],
-                height=size,
-                width=size,
-                output_type="latent",
-            ).images
-        return self.decode_latents(latents)
+        """One image per (prompt, seed) as [N, 3, H, W] in [0, 1]: the validation images."""
+        return pipeline_images(self, prompts, seeds)
 
     def on_validation_start(self) -> None:
         self._ema_swap = self.use_ema_weights()
@@ -536,74 +511,15 @@ class DiffusionModule(L.LightningModule):
     def on_validation_end(self) -> None:
         self._ema_swap.__exit__(None, None, None)
 
-    def render_validation_prompts(self) -> torch.Tensor | None:
-        """This rank's share of the validation prompts as images (None without prompts).
-
-        Every rank renders the same number of images, so all take part in the same collectives.
-        """
-        prompts = self.validation.prompts
-        if not prompts:
-            return None
-        world, rank = self.trainer.world_size, self.trainer.global_rank
-        per_rank = math.ceil(len(prompts) / world)
-        indices = [min(rank * per_rank + i, len(prompts) - 1) for i in range(per_rank)]
-        return self.generate([prompts[i] for i in indices], [self.validation.seed + i for i in indices])
-
     def on_validation_epoch_end(self) -> None:
-        """Gather the rendered validation images into one grid for TensorBoard."""
         images, self._validation_images = self._validation_images, None
-        if images is None:
-            return
-        prompts = self.validation.prompts
-        world = self.trainer.world_size
-        gathered = self.all_gather(images)
-        if world > 1:
-            gathered = gathered.flatten(0, 1)
-        if not self.trainer.is_global_zero:
-            return
-        grid = torchvision.utils.make_grid(gathered[: len(prompts)].cpu(), nrow=min(4, len(prompts)))
-        for logger in self.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("val/images", grid, self.global_step)
+        if images is not None:
+            log_grid(self, images)
 
     # --- export -------------------------------------------------------------------------
 
     def on_fit_end(self) -> None:
-        """Every fit ends with an export under `<default_root_dir>/export` (rank 0 writes)."""
-        folder = Path(self.trainer.default_root_dir) / "export"
-        if is_sharded(self.trainer):
-            # Each rank holds 1/N of the weights: gather the trained ones onto rank 0 (a
-            # collective, so every rank calls it) and export from an unsharded copy.
-            state = self.trainer.strategy.lightning_module_state_dict()
-            if self.trainer.is_global_zero:
-                self.unsharded_copy(state).write_export(folder, self.global_step)
-        elif self.trainer.is_global_zero:
-            self.write_export(folder, self.global_step)
-        self.trainer.strategy.barrier("medsd-export")
-
-    def write_export(self, folder: Path, global_step: int) -> None:
-        """The export (EMA weights if kept) and its manifest, written whole into `folder`; refused
-        (the previous export kept) if a trained weight is not finite."""
-        with self.use_ema_weights(), atomic_directory(folder) as scratch:
-            refuse_non_finite_weights(self, f"the export {folder}")
-            extra = self.export(scratch)
-            write_export_manifest(
-                scratch,
-                **extra,
-                strategy=type(self).__name__,
-                base_model=self.backbone_spec.name_or_path,
-                base_revision=self.backbone_spec.revision,
-                global_step=global_step,
-                ema=self.ema is not None,
-            )
-        log.info("exported %s to %s", type(self).__name__, folder)
-
-    def unsharded_copy(self, state_dict: dict[str, torch.Tensor]) -> DiffusionModule:
-        """This strategy built again from its hyperparameters (the backbone reloaded, on the CPU),
-        with the trained weights of `state_dict`, a full state dict of this module."""
-        copy = type(self)(**self.hparams)
-        copy.load_trained({"state_dict": state_dict})
-        return copy.eval()
+        export_at_fit_end(self)
 
     def load_trained(self, checkpoint: dict) -> None:
         """The trained weights (and EMA, if kept) of a checkpoint dict; every trained weight must

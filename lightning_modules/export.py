@@ -1,10 +1,24 @@
-"""A run's export folder: its manifest, written and read back (the folder itself is written whole
-with datamodules.atomic.atomic_directory)."""
+"""A run's export folder: the trained model and its manifest, written whole (with
+datamodules.atomic.atomic_directory) at the end of every fit, and the manifest read back."""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from datamodules.atomic import atomic_directory
+
+from .guards import refuse_non_finite_weights
+from .sharding import is_sharded
+
+if TYPE_CHECKING:
+    from .diffusion import DiffusionModule
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "medsd_export.json"
 
@@ -19,3 +33,44 @@ def read_export_manifest(folder: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: '{folder}' is not a medsd export folder")
     return json.loads(path.read_text())
+
+
+def export_at_fit_end(module: DiffusionModule) -> None:
+    """The export every fit ends with, under `<default_root_dir>/export` (rank 0 writes)."""
+    trainer = module.trainer
+    folder = Path(trainer.default_root_dir) / "export"
+    if is_sharded(trainer):
+        # Each rank holds 1/N of the weights: gather the trained ones onto rank 0 (a collective,
+        # so every rank calls it) and export from an unsharded copy.
+        state = trainer.strategy.lightning_module_state_dict()
+        if trainer.is_global_zero:
+            write_export(unsharded_copy(module, state), folder, module.global_step)
+    elif trainer.is_global_zero:
+        write_export(module, folder, module.global_step)
+    trainer.strategy.barrier("medsd-export")
+
+
+def write_export(module: DiffusionModule, folder: Path, global_step: int) -> None:
+    """The module's export (EMA weights if kept) and its manifest, written whole into `folder`;
+    refused (the previous export kept) if a trained weight is not finite."""
+    with module.use_ema_weights(), atomic_directory(folder) as scratch:
+        refuse_non_finite_weights(module, f"the export {folder}")
+        extra = module.export(scratch)
+        write_export_manifest(
+            scratch,
+            **extra,
+            strategy=type(module).__name__,
+            base_model=module.backbone_spec.name_or_path,
+            base_revision=module.backbone_spec.revision,
+            global_step=global_step,
+            ema=module.ema is not None,
+        )
+    log.info("exported %s to %s", type(module).__name__, folder)
+
+
+def unsharded_copy(module: DiffusionModule, state_dict: dict[str, torch.Tensor]) -> DiffusionModule:
+    """The module's strategy built again from its hyperparameters (the backbone reloaded, on the
+    CPU), with the trained weights of `state_dict`, a full state dict of the module."""
+    copy = type(module)(**module.hparams)
+    copy.load_trained({"state_dict": state_dict})
+    return copy.eval()

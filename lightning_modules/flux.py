@@ -14,7 +14,6 @@ tests and demos, like `medsd/tiny-sd`.
 from __future__ import annotations
 
 import string
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -45,6 +44,7 @@ from .modes import in_eval_mode
 from .objectives import diffusion_loss, drop_captions, sample_noise
 from .prompts import PromptTokenizer
 from .sharding import is_sharded
+from .validation_images import trainer_precision
 
 TINY_FLUX = "medsd/tiny-flux"
 
@@ -439,10 +439,8 @@ class FluxLoRA(DiffusionModule):
         pipe = self.build_pipeline(v.sampler)
         pipe.set_progress_bar_config(disable=True)
         size = v.resolution or self.vae.config.sample_size
-        trainer = self._trainer
-        precision = trainer.precision_plugin.forward_context() if trainer else nullcontext()
         text = self.prompt_conditioning(list(prompts))
-        with precision:
+        with trainer_precision(self):
             images = pipe(
                 prompt_embeds=text["prompt_embeds"],
                 pooled_prompt_embeds=text["pooled"],

@@ -14,6 +14,7 @@ from experiments.benchmarks.flops import SD15_UNET
 from experiments.lightning_cli import parse_config
 from lightning_modules import FluxLoRA, LoRAFineTuning
 from lightning_modules.backbones import BackboneSpec
+from lightning_modules.export import unsharded_copy, write_export
 from lightning_modules.sharding import ShardedDiffusion, shard_units, unwrapped_name
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -100,8 +101,8 @@ def test_export_from_a_gathered_state_dict_equals_the_modules_own(tmp_path):
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     full = module.state_dict()  # what FSDP gathers onto rank 0: every weight, plain names
-    module.write_export(tmp_path / "own", global_step=5)
-    module.unsharded_copy(full).write_export(tmp_path / "copy", global_step=5)
+    write_export(module, tmp_path / "own", global_step=5)
+    write_export(unsharded_copy(module, full), tmp_path / "copy", global_step=5)
     own = load_file(tmp_path / "own" / "pytorch_lora_weights.safetensors")
     copy = load_file(tmp_path / "copy" / "pytorch_lora_weights.safetensors")
     assert own.keys() == copy.keys() and all(torch.equal(own[k], copy[k]) for k in own)
@@ -110,4 +111,4 @@ def test_export_from_a_gathered_state_dict_equals_the_modules_own(tmp_path):
     ).read_text()
     trained = next(k for k, p in module.named_parameters() if p.requires_grad)
     with pytest.raises(KeyError, match="lacks trained weights"):
-        module.unsharded_copy({k: v for k, v in full.items() if k != trained})
+        unsharded_copy(module, {k: v for k, v in full.items() if k != trained})
