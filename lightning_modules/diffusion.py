@@ -32,6 +32,7 @@ from .objectives import (
     sample_noise,
     sample_timesteps,
 )
+from .precision import place_frozen_weights, refuse_half_trained_weights, train_in_fp32
 from .prompts import PromptTokenizer
 from .settings import Objective, Optimizer, Validation
 from .sharding import check_sharding_settings, is_sharded, unwrapped_name
@@ -39,25 +40,9 @@ from .validation_images import log_grid, pipeline_images, render_rank_share
 
 log = logging.getLogger(__name__)
 
-HALF_PRECISIONS = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
-
 
 def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
-
-
-def cast_frozen_parameters(module: nn.Module, dtype: torch.dtype) -> int:
-    """Store frozen weights in `dtype` (halving their memory); trainable ones stay fp32.
-
-    Keeping trainable weights in fp32 is what mixed precision needs: fp16 master weights lose
-    small updates and make the gradient scaler fail. Returns how many tensors were cast.
-    """
-    count = 0
-    for p in module.parameters():
-        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
-            p.data = p.data.to(dtype)
-            count += 1
-    return count
 
 
 def adamw_with_schedule(module: L.LightningModule, groups: list[dict], settings: Optimizer) -> dict:
@@ -204,20 +189,9 @@ class DiffusionModule(L.LightningModule):
             self._check_cache(PreparedCache(datamodule.cache_dir))
         if is_sharded(self.trainer):
             check_sharding_settings(self, str(self.trainer.precision))
-        self._train_in_fp32(str(self.trainer.precision))
+        train_in_fp32(self, str(self.trainer.precision))
         if self.ema_decay is not None and self.ema is None:
             self.ema = EMAModel(trainable_parameters(self), decay=self.ema_decay)
-
-    def _train_in_fp32(self, precision: str) -> None:
-        """Trained weights are fp32 whatever the backbone was read in; half-precision frozen
-        weights (`backbone.dtype`) need a mixed precision whose autocast meets them."""
-        for p in trainable_parameters(self):
-            p.data = p.data.float()
-        if self.backbone_spec.dtype is not None and precision not in HALF_PRECISIONS:
-            raise ValueError(
-                f"backbone.dtype '{self.backbone_spec.dtype}' keeps the frozen weights in half precision: "
-                f"train with precision bf16-mixed or 16-mixed, not '{precision}'"
-            )
 
     def _check_cache(self, cache: PreparedCache) -> None:
         prepared, here = cache.manifest["model"], self.cache_identity()
@@ -235,26 +209,8 @@ class DiffusionModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         precision = str(self.trainer.precision)
-        if precision in ("16-true", "bf16-true"):
-            raise ValueError(
-                f"precision '{precision}' would store the trainable weights in half precision; "
-                "use bf16-mixed or 16-mixed (frozen parts then run in half precision on GPU)"
-            )
-        if is_sharded(self.trainer):
-            # FSDP keeps every weight in fp32 shards and gathers them in the compute precision,
-            # the VAE's included, whose inputs must then match it (VAE calls run outside autocast).
-            self._vae_dtype = HALF_PRECISIONS.get(precision, torch.float32)
-        elif self.device.type == "cuda" and precision in HALF_PRECISIONS:
-            # The fp16 VAE overflows into NaNs (black images), so under 16-mixed it stays fp32.
-            if precision == "bf16-mixed":
-                self._vae_dtype = torch.bfloat16
-            else:
-                self.vae.requires_grad_(False)
-                self.vae.to(torch.float32)
-                self._vae_dtype = torch.float32
-            cast_frozen_parameters(self.unet, HALF_PRECISIONS[precision])
-            cast_frozen_parameters(self.text_encoder, HALF_PRECISIONS[precision])
-            cast_frozen_parameters(self.vae, self._vae_dtype)
+        refuse_half_trained_weights(precision)
+        self._vae_dtype = place_frozen_weights(self, precision, is_sharded(self.trainer))
         if self.ema is not None:
             self.ema.to(self.device)
         if self._cached_text and not is_sharded(self.trainer):

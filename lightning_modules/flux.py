@@ -38,10 +38,11 @@ from .backbones import (
     build_tiny_vae,
     tiny_clip_text_config,
 )
-from .diffusion import DiffusionModule, cast_frozen_parameters
+from .diffusion import DiffusionModule
 from .lora import add_lora
 from .modes import in_eval_mode
 from .objectives import diffusion_loss, drop_captions, sample_noise
+from .precision import cast_frozen_parameters
 from .prompts import PromptTokenizer
 from .sharding import is_sharded
 from .validation_images import trainer_precision

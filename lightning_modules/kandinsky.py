@@ -34,7 +34,7 @@ from transformers import (
 )
 
 from .backbones import BackboneSpec, _not_found, build_clip_tokenizer, build_sampler, tiny_clip_text_config
-from .diffusion import HALF_PRECISIONS, DiffusionModule, cast_frozen_parameters
+from .diffusion import DiffusionModule
 from .lora import add_lora
 from .objectives import (
     diffusion_loss,
@@ -44,6 +44,7 @@ from .objectives import (
     sample_noise,
     sample_timesteps,
 )
+from .precision import HALF_PRECISIONS, cast_frozen_parameters
 
 TINY_KANDINSKY = "medsd/tiny-kandinsky"
 KANDINSKY_PRIOR = "kandinsky-community/kandinsky-2-2-prior"

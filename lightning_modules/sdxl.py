@@ -42,9 +42,9 @@ from .backbones import (
     build_tiny_vae,
     tiny_clip_text_config,
 )
-from .diffusion import HALF_PRECISIONS, cast_frozen_parameters
 from .fine_tuning import FineTuning
 from .lora import LoRAFineTuning
+from .precision import HALF_PRECISIONS, cast_frozen_parameters
 
 
 @dataclass
