@@ -13,6 +13,9 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+# write_atomically's temporary files, `.<target name>.<pid>.tmp`: what a kill mid-write leaves.
+TEMPORARY_GLOB = ".*.tmp"
+
 
 def write_atomically(path: Path, write: Callable[[Path], object], sync: bool = False) -> None:
     """Call `write(tmp)` then move tmp onto `path`. The temporary name is per process, so ranks
@@ -20,7 +23,7 @@ def write_atomically(path: Path, write: Callable[[Path], object], sync: bool = F
     whose loss after a power cut would go unnoticed, such as cached statistics)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # matches TEMPORARY_GLOB
     try:
         write(tmp)
         if sync:

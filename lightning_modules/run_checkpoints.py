@@ -25,13 +25,11 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from datamodules.atomic import recover_interrupted
+from datamodules.atomic import TEMPORARY_GLOB, recover_interrupted
 
 log = logging.getLogger(__name__)
 
 BEST = "best"
-# write_atomically's temporary names: `.<target name>.<pid>.tmp`.
-TEMPORARY_PATTERN = ".*.tmp"
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -76,7 +74,7 @@ class RunCheckpoint(ModelCheckpoint):
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if trainer.is_global_zero and stage == "fit":
-            for stale in Path(self.dirpath).glob(TEMPORARY_PATTERN):
+            for stale in Path(self.dirpath).glob(TEMPORARY_GLOB):
                 log.warning("removing %s, left by a checkpoint write that was interrupted", stale)
                 stale.unlink(missing_ok=True)
             recover_interrupted(Path(trainer.default_root_dir) / "export")
