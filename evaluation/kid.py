@@ -31,6 +31,15 @@ def _features(name: str, features: torch.Tensor | np.ndarray) -> np.ndarray:
     return array.astype(np.float64, copy=False)
 
 
+def polynomial_kernel(a: np.ndarray, b: np.ndarray, degree: int, gamma: float, coef0: float) -> np.ndarray:
+    """The kernel matrix k(a_i, b_j) = (gamma a_i.b_j + coef0)^degree, [len(a), len(b)].
+
+    One definition for KID and its bootstrap interval, so that the interval is always about the
+    kernel the reported KID uses.
+    """
+    return (a @ b.T * gamma + coef0) ** degree
+
+
 def polynomial_mmd2(x: np.ndarray, y: np.ndarray, degree: int, gamma: float, coef0: float) -> float:
     """Unbiased MMD^2 between two equally sized samples [m, D] under a polynomial kernel.
 
@@ -38,9 +47,9 @@ def polynomial_mmd2(x: np.ndarray, y: np.ndarray, degree: int, gamma: float, coe
     m^2 pairs, as in torch-fidelity.
     """
     m = x.shape[0]
-    k_xx = (x @ x.T * gamma + coef0) ** degree
-    k_yy = (y @ y.T * gamma + coef0) ** degree
-    k_xy = (x @ y.T * gamma + coef0) ** degree
+    k_xx = polynomial_kernel(x, x, degree, gamma, coef0)
+    k_yy = polynomial_kernel(y, y, degree, gamma, coef0)
+    k_xy = polynomial_kernel(x, y, degree, gamma, coef0)
     within = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
     return float(within - 2 * k_xy.sum() / (m * m))
 
@@ -109,12 +118,12 @@ def kid_bootstrap_ci(
     if len(x) < 2 or len(y) < 2:
         raise ValueError(f"KID needs at least 2 samples per set, got real {len(x)}, fake {len(y)}")
     gamma = 1.0 / x.shape[1] if gamma is None else gamma
-    k_xx = (x @ x.T * gamma + coef0) ** degree
+    k_xx = polynomial_kernel(x, x, degree, gamma, coef0)
     n, m = len(x), len(y)
     real_term = (k_xx.sum() - np.trace(k_xx)) / (n * (n - 1))
     del k_xx
-    cross = ((x @ y.T * gamma + coef0) ** degree).mean(axis=0)  # [M]: mean kernel to the real set
-    k_yy = (y @ y.T * gamma + coef0) ** degree
+    cross = polynomial_kernel(x, y, degree, gamma, coef0).mean(axis=0)  # [M]: mean kernel to the real set
+    k_yy = polynomial_kernel(y, y, degree, gamma, coef0)
     diagonal = np.diag(k_yy).copy()
 
     def mmd2(indices: np.ndarray) -> float:
