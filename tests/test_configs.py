@@ -30,6 +30,15 @@ RUN_CONFIGS = [p for p in YAML_FILES if is_run_config(p)]
 MATRICES = [p for p in YAML_FILES if is_matrix(p)]
 
 
+def unresolved(value) -> list[str]:
+    """The strings of a parsed config that still hold an OmegaConf `${...}` interpolation."""
+    if isinstance(value, dict):
+        return [s for item in value.values() for s in unresolved(item)]
+    if isinstance(value, list):
+        return [s for item in value for s in unresolved(item)]
+    return [value] if isinstance(value, str) and "${" in value else []
+
+
 def test_the_experiments_folder_has_configs():
     assert {p.stem for p in RUN_CONFIGS} >= {
         "textual_inversion",
@@ -45,6 +54,7 @@ def test_run_config_validates(path):
     config = parse_config("--config", str(path))
     assert config.model.class_path.startswith("lightning_modules.")
     assert config.data.class_path.startswith("datamodules.")
+    assert not unresolved(config.as_dict())  # every interpolation resolved (test_config_interpolation.py)
 
 
 def test_every_included_file_is_used_by_a_run_config():
@@ -74,6 +84,7 @@ def test_every_cell_of_a_matrix_validates(path):
     for cell in cells:
         config = parse_config(*cell.fit_args)
         assert config.model.class_path.startswith("lightning_modules."), cell.name
+        assert not unresolved(config.as_dict()), cell.name
 
 
 def test_validation_rejects_an_unknown_key(tmp_path):
