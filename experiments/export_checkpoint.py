@@ -18,6 +18,7 @@ import logging
 from pathlib import Path
 
 from lightning_modules.export import MANIFEST, write_export
+from lightning_modules.trained_weights import load_trained
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def export_checkpoint(run: str | Path, which: str = "best", out: str | Path | No
     path = checkpoint_path(run, which)
     module, _ = build_from_config(["--config", str(config)])
     checkpoint = load_checkpoint(path)
-    module.load_trained(checkpoint)
+    load_trained(module, checkpoint)
     folder = Path(out) if out else export_folder(run, path)
     write_export(module.eval(), folder, checkpoint["global_step"])
     log.info("exported %s (step %d) to %s", path.name, checkpoint["global_step"], folder)

@@ -1,9 +1,8 @@
-"""The one place that loads pretrained model parts.
-
-A Stable Diffusion-family backbone is five parts: tokenizer, text encoder, VAE, U-Net and noise
-scheduler. They come either from a hub id / local diffusers folder through `from_pretrained`, or
-from the built-in tiny configurations (`medsd/tiny-sd`, `medsd/tiny-bert`) that need no download
-and exist for tests and demos. Domain text encoders (a biomedical BERT, ...) load here too.
+"""What every model family's loading shares: where a backbone comes from (`BackboneSpec`), the
+names of the built-in models (`medsd/...`: tiny models built from config, no download, for tests
+and demos; the shipped demo base), the "not found" message, and the tiny building blocks (CLIP
+tokenizer and text encoder, VAE). Domain text encoders (a biomedical BERT, ...) load here too.
+Each family's own parts load in its file under `families/`.
 """
 
 from __future__ import annotations
@@ -11,14 +10,14 @@ from __future__ import annotations
 import gzip
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
 import diffusers
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL
 from torch import nn
 from transformers import (
     AutoModel,
@@ -36,24 +35,15 @@ log = logging.getLogger(__name__)
 
 TINY_SD = "medsd/tiny-sd"
 TINY_SD2 = "medsd/tiny-sd2"  # the same size, shaped like Stable Diffusion 2.x (v-prediction)
-TINY_SDXL = "medsd/tiny-sdxl"  # shaped like SDXL: see lightning_modules/sdxl.py
+TINY_SDXL = "medsd/tiny-sdxl"  # shaped like SDXL: see lightning_modules/families/sdxl.py
+TINY_FLUX = "medsd/tiny-flux"  # shaped like FLUX.1-dev: see lightning_modules/families/flux.py
+TINY_KANDINSKY = "medsd/tiny-kandinsky"  # see lightning_modules/families/kandinsky.py
 # The demo's base model: tiny-SD-shaped, pretrained on generated shapes by
 # experiments/pretrain_demo_base.py, shipped as a diffusers folder inside this package.
 DEMO_BASE = "medsd/demo-base"
 DEMO_BASE_DIR = Path(__file__).resolve().parent / "demo_base"
 TINY_BERT = "medsd/tiny-bert"
 TINY_CLIP = "medsd/tiny-clip"  # the tiny backbone's CLIP text encoder and tokenizer on their own
-
-# Stable Diffusion 1.x's noise schedule and default sampler, shared by the tiny backbone so that
-# the demo exercises the same scheduler code path as the real model.
-SD_SCHEDULE = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    set_alpha_to_one=False,
-    steps_offset=1,
-)
 
 
 class BackboneNotFoundError(RuntimeError):
@@ -85,17 +75,6 @@ class BackboneSpec:
         return getattr(torch, self.dtype) if self.dtype else None
 
 
-@dataclass
-class Backbone:
-    tokenizer: PreTrainedTokenizerBase
-    text_encoder: nn.Module
-    vae: AutoencoderKL
-    unet: UNet2DConditionModel
-    noise_scheduler: DDPMScheduler
-    # Config of the sampler the model ships with (PNDM for SD 1.x); exports keep it.
-    sampler_config: dict = field(default_factory=dict)
-
-
 def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
@@ -115,34 +94,6 @@ def _not_found(what: str, name_or_path: str, error: Exception) -> BackboneNotFou
 def local_name(name_or_path: str) -> str:
     """A built-in folder's path for its `medsd/...` name (the demo base); anything else as it is."""
     return str(DEMO_BASE_DIR) if name_or_path == DEMO_BASE else name_or_path
-
-
-def load_backbone(spec: BackboneSpec, dtype: torch.dtype | None = None) -> Backbone:
-    """Load every part of a Stable Diffusion-family model (weights in `dtype`, default fp32)."""
-    if spec.name_or_path in (TINY_SD, TINY_SD2):
-        backbone = build_tiny_backbone(sd2=spec.name_or_path == TINY_SD2)
-    else:
-        backbone = _load_pretrained(spec, dtype or spec.torch_dtype)
-    if spec.prediction_type is not None:
-        backbone.noise_scheduler.register_to_config(prediction_type=spec.prediction_type)
-        backbone.sampler_config["prediction_type"] = spec.prediction_type
-    return backbone
-
-
-def _load_pretrained(spec: BackboneSpec, dtype: torch.dtype | None) -> Backbone:
-    where = dict(revision=spec.revision)
-    weights = dict(where, variant=spec.variant, torch_dtype=dtype)
-    path = local_name(spec.name_or_path)
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **where)
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **weights)
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights)
-        sampler_config = dict(DDPMScheduler.load_config(path, subfolder="scheduler", **where))
-    except (OSError, ValueError) as error:  # hub, cache and file errors all derive from these
-        raise _not_found("the Stable Diffusion model", path, error) from error
-    noise_scheduler = DDPMScheduler.from_config(sampler_config)
-    return Backbone(tokenizer, text_encoder, vae, unet, noise_scheduler, sampler_config)
 
 
 def build_sampler(sampler_config: dict, name: str | None = None):
@@ -213,43 +164,6 @@ def build_tiny_vae(latent_channels: int = 4, **config) -> AutoencoderKL:
     )
 
 
-def build_tiny_backbone(seed: int = 0, sd2: bool = False) -> Backbone:
-    """A Stable Diffusion 1.x-shaped model small enough to train on a CPU in seconds.
-
-    32x32 images, a VAE with 2x downsampling to 4 latent channels, a two-level U-Net with
-    cross-attention width 32 and a 2-layer CLIP text encoder over the real CLIP vocabulary.
-    Weights are random but deterministic in `seed`. With `sd2`, shaped like Stable Diffusion 2.x
-    instead: v-prediction, linear projections in the transformer blocks, attention heads of
-    fixed width per level, a GELU (OpenCLIP-style) text encoder and a DDIM sampler.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        tokenizer = build_clip_tokenizer()
-        activation = "gelu" if sd2 else "quick_gelu"
-        text_encoder = CLIPTextModel(tiny_clip_text_config(tokenizer, hidden_act=activation))
-        vae = build_tiny_vae()
-        unet = UNet2DConditionModel(
-            sample_size=16,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            cross_attention_dim=32,
-            attention_head_dim=(4, 8) if sd2 else 8,
-            use_linear_projection=sd2,
-            norm_num_groups=16,
-        )
-    if sd2:
-        sampler = diffusers.DDIMScheduler(**SD_SCHEDULE, clip_sample=False, prediction_type="v_prediction")
-    else:
-        sampler = diffusers.PNDMScheduler(**SD_SCHEDULE, skip_prk_steps=True)
-    sampler_config = dict(sampler.config, _class_name=type(sampler).__name__)
-    noise_scheduler = DDPMScheduler.from_config(sampler_config)
-    return Backbone(tokenizer, text_encoder, vae, unet, noise_scheduler, sampler_config)
-
-
 # --- domain text encoders -------------------------------------------------------------------
 
 
@@ -273,6 +187,8 @@ def load_clip_text_encoder(
     """A CLIP text encoder and its tokenizer from a transformers CLIP folder or hub id (e.g.
     `openai/clip-vit-large-patch14`), or `medsd/tiny-clip`."""
     if name_or_path == TINY_CLIP:
+        from .families.stable_diffusion import build_tiny_backbone  # (that module imports this one)
+
         tiny = build_tiny_backbone()
         return tiny.tokenizer, tiny.text_encoder
     try:

@@ -17,31 +17,17 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    DDPMScheduler,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
-from transformers import AutoConfig
+from diffusers import AutoencoderKL
 
 from datamodules.atomic import atomic_directory
 
-from .backbones import (
-    SD_SCHEDULE,
-    TINY_BERT,
-    TINY_CLIP,
-    BackboneSpec,
-    _not_found,
-    build_sampler,
-    load_clip_text_encoder,
-    load_text_encoder,
-)
-from .diffusion import DiffusionModule, adamw_with_schedule
-from .domain_text_encoder import _pipeline, save_domain_text_export
+from .backbones import TINY_CLIP, BackboneSpec
+from .diffusion import DiffusionModule
+from .domain_text_pipeline import save_domain_text_export
 from .export import write_export_manifest
+from .families import registered
 from .guards import refuse_non_finite_weights
+from .optimization import adamw_with_schedule
 from .pipelines import resolve_source
 from .settings import Objective, Optimizer, Validation
 
@@ -181,18 +167,6 @@ class VAETraining(L.LightningModule):
         self.trainer.strategy.barrier("medsd-export")
 
 
-def is_clip(name_or_path: str, revision: str | None = None) -> bool:
-    """Whether a text model is a CLIP one (its tokenizer pads with end-of-text, and its export is a
-    plain Stable Diffusion pipeline) rather than a BERT-like encoder."""
-    if name_or_path in (TINY_CLIP, TINY_BERT):
-        return name_or_path == TINY_CLIP
-    try:
-        model_type = AutoConfig.from_pretrained(name_or_path, revision=revision).model_type
-    except (OSError, ValueError) as error:
-        raise _not_found("the text encoder", name_or_path, error) from error
-    return model_type.startswith("clip")
-
-
 class CompactDiffusion(DiffusionModule):
     """A new U-Net trained on the latents of a `VAETraining` VAE, conditioned on a frozen text encoder.
 
@@ -220,6 +194,9 @@ class CompactDiffusion(DiffusionModule):
     `load_domain_text_pipeline`'s folder for any other; `medsd sample` reads either.
     """
 
+    family = registered("compact")
+    part_options = ("text_model", "text_model_revision", "max_length", "unet_settings")
+
     def __init__(
         self,
         vae: str,
@@ -239,7 +216,7 @@ class CompactDiffusion(DiffusionModule):
         ema_decay: float | None = None,
         gradient_checkpointing: bool = False,
     ):
-        # load_parts, which the base __init__ calls, builds the parts from these.
+        # The family's loader, which the base __init__ calls, builds the parts from these.
         self.vae_source = resolve_source(vae)
         if not isinstance(self.vae_source, Path):
             raise FileNotFoundError(
@@ -271,49 +248,10 @@ class CompactDiffusion(DiffusionModule):
         self.unet.requires_grad_(True)
         self.enable_gradient_checkpointing()
 
-    def load_parts(self) -> None:
-        try:
-            self.vae = AutoencoderKL.from_pretrained(self.vae_source)
-        except (OSError, ValueError) as error:
-            raise ValueError(f"{self.vae_source} is not a diffusers AutoencoderKL folder: {error}") from error
-        self.uses_clip = is_clip(self.text_model, self.text_model_revision)
-        load = load_clip_text_encoder if self.uses_clip else load_text_encoder
-        self.tokenizer, self.text_encoder = load(self.text_model, self.text_model_revision)
-        limit = self.text_encoder.config.max_position_embeddings
-        if self.max_length > limit:
-            raise ValueError(f"max_length {self.max_length} exceeds {self.text_model}'s {limit} positions")
-        # The exported CLIP pipeline pads prompts to the tokenizer's limit: make it the training one.
-        self.tokenizer.model_max_length = self.max_length
-        self.unet = self.build_unet(self.text_encoder.config.hidden_size)
-        sampler = DDIMScheduler(**SD_SCHEDULE, clip_sample=False, prediction_type="epsilon")
-        self.sampler_config = dict(sampler.config, _class_name=type(sampler).__name__)
-        self.noise_scheduler = DDPMScheduler.from_config(self.sampler_config)
-
-    def build_unet(self, cross_attention_dim: int) -> UNet2DConditionModel:
-        settings = dict(self.unet_settings)
-        widths = settings.pop("block_out_channels")
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        levels = len(widths)
-        return UNet2DConditionModel(
-            sample_size=settings.pop("image_size") // factor,
-            in_channels=self.vae.config.latent_channels,
-            out_channels=self.vae.config.latent_channels,
-            down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
-            block_out_channels=widths,
-            cross_attention_dim=cross_attention_dim,
-            **settings,
-        )
-
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.uses_clip:
             return super().encode_text(input_ids, attention_mask)  # unmasked, as diffusers' pipeline does
         return self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-    def build_pipeline(self, sampler: str | None = None) -> StableDiffusionPipeline:
-        if self.uses_clip:
-            return super().build_pipeline(sampler)
-        return _pipeline(self.vae, self.unet, build_sampler(self.sampler_config, sampler))
 
     def export(self, folder: Path) -> dict:
         if self.uses_clip:

@@ -14,6 +14,7 @@ from datamodules.atomic import atomic_directory
 
 from .guards import refuse_non_finite_weights
 from .sharding import is_sharded
+from .trained_weights import ema_weights, load_trained
 
 if TYPE_CHECKING:
     from .diffusion import DiffusionModule
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MANIFEST = "medsd_export.json"
+EMBEDDINGS_FILE = "learned_embeds.safetensors"  # a textual inversion export's learned tokens
 
 
 def write_export_manifest(folder: Path, **fields) -> None:
@@ -53,13 +55,14 @@ def export_at_fit_end(module: DiffusionModule) -> None:
 def write_export(module: DiffusionModule, folder: Path, global_step: int) -> None:
     """The module's export (EMA weights if kept) and its manifest, written whole into `folder`;
     refused (the previous export kept) if a trained weight is not finite."""
-    with module.use_ema_weights(), atomic_directory(folder) as scratch:
+    with ema_weights(module), atomic_directory(folder) as scratch:
         refuse_non_finite_weights(module, f"the export {folder}")
         extra = module.export(scratch)
         write_export_manifest(
             scratch,
             **extra,
             strategy=type(module).__name__,
+            family=module.family.name,
             base_model=module.backbone_spec.name_or_path,
             base_revision=module.backbone_spec.revision,
             global_step=global_step,
@@ -72,5 +75,5 @@ def unsharded_copy(module: DiffusionModule, state_dict: dict[str, torch.Tensor])
     """The module's strategy built again from its hyperparameters (the backbone reloaded, on the
     CPU), with the trained weights of `state_dict`, a full state dict of the module."""
     copy = type(module)(**module.hparams)
-    copy.load_trained({"state_dict": state_dict})
+    load_trained(copy, {"state_dict": state_dict})
     return copy.eval()

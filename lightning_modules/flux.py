@@ -4,66 +4,30 @@ FLUX differs from the Stable Diffusion family in every part the training loop to
 transformer over 2x2 patches of 16-channel latents instead of a U-Net, two text encoders (CLIP
 gives a pooled vector, T5 the token sequence), a velocity target on a straight path between image
 and noise instead of epsilon on a DDPM schedule, and a guidance-distilled model that takes the
-guidance scale as an input. So `FluxLoRA` brings its own parts, loss, sampling and export, and
-keeps the rest of `DiffusionModule` (optimiser, EMA, checkpoints, validation grid, export folder).
-
-`medsd/tiny-flux` is a FLUX-shaped model built from config (random weights, no download) for
-tests and demos, like `medsd/tiny-sd`.
+guidance scale as an input. Its family (`families/flux.py`: parts, pipeline, `medsd/tiny-flux`)
+gives `DiffusionModule` the parts and their roles; `FluxLoRA` brings its loss, text conditioning,
+sampling and export, and keeps the rest (optimiser, EMA, checkpoints, validation grid, export).
 """
 
 from __future__ import annotations
 
-import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import FluxPipeline
 from peft.utils import get_peft_model_state_dict
-from transformers import (
-    CLIPTextModel,
-    CLIPTokenizer,
-    PreTrainedTokenizerBase,
-    T5Config,
-    T5EncoderModel,
-    T5TokenizerFast,
-)
 
-from .backbones import (
-    BackboneSpec,
-    _not_found,
-    build_clip_tokenizer,
-    build_sampler,
-    build_tiny_vae,
-    tiny_clip_text_config,
-)
+from .backbones import TINY_FLUX, BackboneSpec
+from .conditioning import from_arrays
 from .diffusion import DiffusionModule
+from .families import registered
 from .lora import add_lora
 from .modes import in_eval_mode
 from .objectives import diffusion_loss, drop_captions, sample_noise
-from .precision import cast_frozen_parameters
 from .prompts import PromptTokenizer
-from .sharding import is_sharded
 from .validation_images import trainer_precision
-
-TINY_FLUX = "medsd/tiny-flux"
-
-# FLUX.1's VAE latent statistics (its vae/config.json): latents are (z - shift) * scale.
-FLUX_VAE_SCALING = 0.3611
-FLUX_VAE_SHIFT = 0.1159
-
-# FLUX.1-dev's sampler (its scheduler/scheduler_config.json): the sigma schedule is shifted at
-# sampling time by an amount that grows with the number of image tokens.
-FLUX_SAMPLER = dict(
-    num_train_timesteps=1000,
-    shift=3.0,
-    use_dynamic_shifting=True,
-    base_shift=0.5,
-    max_shift=1.15,
-    base_image_seq_len=256,
-    max_image_seq_len=4096,
-)
 
 # The query, key, value and output projections of both streams of the double blocks (image and
 # text) and of the single blocks (which have no output projection of their own).
@@ -77,133 +41,6 @@ FLUX_ATTENTION_PROJECTIONS = [
     "add_v_proj",
     "to_add_out",
 ]
-
-
-@dataclass
-class FluxParts:
-    """A FLUX.1 model's parts, named as FluxPipeline names them, and its sampler's config."""
-
-    tokenizer: CLIPTokenizer
-    text_encoder: CLIPTextModel
-    tokenizer_2: PreTrainedTokenizerBase
-    text_encoder_2: T5EncoderModel
-    vae: AutoencoderKL
-    transformer: FluxTransformer2DModel
-    sampler_config: dict
-
-
-def load_flux(spec: BackboneSpec) -> FluxParts:
-    """FLUX's parts from a hub id / local diffusers folder, or `medsd/tiny-flux` built from config."""
-    if spec.prediction_type is not None:
-        raise ValueError("FLUX predicts a velocity by construction: leave backbone.prediction_type unset")
-    if spec.name_or_path == TINY_FLUX:
-        return build_tiny_flux()
-    where = dict(revision=spec.revision)
-    weights = dict(where, variant=spec.variant, torch_dtype=spec.torch_dtype)
-    path = spec.name_or_path
-    try:
-        parts = FluxParts(
-            tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **where),
-            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights),
-            tokenizer_2=T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_2", **where),
-            text_encoder_2=T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", **weights),
-            vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **weights),
-            transformer=FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", **weights),
-            sampler_config=dict(
-                FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler", **where)
-            ),
-        )
-    except (OSError, ValueError) as error:  # hub, cache and file errors all derive from these
-        raise _not_found("the FLUX model", path, error) from error
-    return parts
-
-
-def build_t5_tokenizer() -> T5TokenizerFast:
-    """A real T5 (Unigram, SentencePiece-style) tokenizer built offline over single characters.
-
-    Words split into characters, each word's first one carrying T5's word-start marker; enough
-    for a tiny model to tell prompts apart, and the same class FluxPipeline loads for FLUX.1.
-    """
-    characters = string.ascii_letters + string.digits + string.punctuation
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    pieces += [(c, -3.0) for c in characters] + [(f"▁{c}", -3.0) for c in characters]
-    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
-
-
-def build_tiny_flux(seed: int = 0) -> FluxParts:
-    """A FLUX.1-dev-shaped model small enough to train on a CPU in seconds.
-
-    32x32 images, a VAE with 2x downsampling to 16 latent channels (FLUX's scaling and shift),
-    a transformer with one double and one single block over 2x2 latent patches (8x8 = 64 image
-    tokens) with a guidance embedding like FLUX.1-dev's, a 2-layer CLIP encoder over the real
-    CLIP vocabulary and a 2-layer T5 encoder. Weights are random but deterministic in `seed`.
-    """
-    width = 32  # CLIP's hidden size (FLUX's pooled input) and T5's (its sequence input)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        tokenizer = build_clip_tokenizer()
-        text_encoder = CLIPTextModel(tiny_clip_text_config(tokenizer, hidden_size=width))
-        tokenizer_2 = build_t5_tokenizer()
-        text_encoder_2 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(tokenizer_2),
-                d_model=width,
-                d_kv=8,
-                d_ff=64,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                feed_forward_proj="gated-gelu",  # T5 v1.1, as FLUX's T5-XXL
-                dropout_rate=0.0,
-                pad_token_id=tokenizer_2.pad_token_id,
-                eos_token_id=tokenizer_2.eos_token_id,
-            )
-        )
-        vae = build_tiny_vae(
-            latent_channels=16,
-            scaling_factor=FLUX_VAE_SCALING,
-            shift_factor=FLUX_VAE_SHIFT,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        )
-        transformer = FluxTransformer2DModel(
-            in_channels=16 * 4,  # a 2x2 patch of 16-channel latents
-            num_layers=1,
-            num_single_layers=1,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            joint_attention_dim=width,
-            pooled_projection_dim=width,
-            guidance_embeds=True,
-            axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
-        )
-    sampler = FlowMatchEulerDiscreteScheduler(**FLUX_SAMPLER)
-    sampler_config = dict(sampler.config, _class_name=type(sampler).__name__)
-    return FluxParts(tokenizer, text_encoder, tokenizer_2, text_encoder_2, vae, transformer, sampler_config)
-
-
-def flux_pipeline(parts, sampler: str | None = None) -> FluxPipeline:
-    """A FluxPipeline over `parts` (FluxParts or a FluxLoRA: anything with their attributes), no copies.
-
-    Its default image size is the VAE's `sample_size` (1024 for FLUX.1, 32 for the tiny model);
-    FluxPipeline would otherwise assume 1024 px whatever the model.
-    """
-    pipe = FluxPipeline(
-        scheduler=build_sampler(parts.sampler_config, sampler),
-        vae=parts.vae,
-        text_encoder=parts.text_encoder,
-        tokenizer=parts.tokenizer,
-        text_encoder_2=parts.text_encoder_2,
-        tokenizer_2=parts.tokenizer_2,
-        transformer=parts.transformer,
-    )
-    pipe.default_sample_size = parts.vae.config.sample_size // pipe.vae_scale_factor
-    return pipe
-
-
-def tiny_flux_pipeline() -> FluxPipeline:
-    """`medsd/tiny-flux` as a pipeline: the same weights every training run starts from."""
-    return flux_pipeline(build_tiny_flux())
 
 
 # --- the objective --------------------------------------------------------------------------
@@ -292,6 +129,8 @@ class FluxLoRA(DiffusionModule):
         The other arguments are DiffusionModule's.
     """
 
+    family = registered("flux")
+
     def __init__(
         self,
         rank: int = 4,
@@ -316,57 +155,12 @@ class FluxLoRA(DiffusionModule):
         add_lora(self.transformer, rank, alpha, dropout, target_modules or FLUX_ATTENTION_PROJECTIONS)
         self.enable_gradient_checkpointing()
 
-    def load_parts(self) -> None:
-        parts = load_flux(self.backbone_spec)
-        self.tokenizer = parts.tokenizer
-        self.text_encoder = parts.text_encoder
-        self.tokenizer_2 = parts.tokenizer_2
-        self.text_encoder_2 = parts.text_encoder_2
-        self.vae = parts.vae
-        self.transformer = parts.transformer
-        self.sampler_config = parts.sampler_config
-
-    def enable_gradient_checkpointing(self) -> None:
-        if self.gradient_checkpointing:
-            self.transformer.enable_gradient_checkpointing()
-
     @property
     def prompt_tokenizer(self) -> PromptTokenizer:
         """T5's, so that the DataModule's long-prompt policy measures prompts against the encoder
         that carries their content. The ids it adds to batches go unused: the training step encodes
         the prompt texts with both tokenizers, exactly as FluxPipeline does when sampling."""
         return PromptTokenizer(self.tokenizer_2, self.max_sequence_length)
-
-    def text_encoders(self) -> list[torch.nn.Module]:
-        return [self.text_encoder, self.text_encoder_2]
-
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        precision = str(self.trainer.precision)
-        if precision not in ("32-true", "bf16-mixed"):
-            raise ValueError(
-                f"FluxLoRA runs under precision '32-true' or 'bf16-mixed', not '{precision}': FLUX is "
-                "released in bf16, and it and its T5 encoder overflow in fp16"
-            )
-        if is_sharded(self.trainer):
-            # FSDP keeps fp32 shards and gathers them in bf16, the VAE's too (see sharding.py).
-            self._vae_dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
-        elif precision == "bf16-mixed" and self.trainer.strategy.root_device.type == "cuda":
-            # Frozen weights (all but the adapters, which stay fp32) in bf16 halve the memory. Cast
-            # here, before Lightning moves the model to the GPU: FLUX.1-dev in fp32 is about 67 GB.
-            self._vae_dtype = torch.bfloat16
-            cast_frozen_parameters(self, torch.bfloat16)
-
-    def on_fit_start(self) -> None:
-        if self.ema is not None:
-            self.ema.to(self.device)
-        if self._cached_text and not is_sharded(self.trainer):
-            self.release_text_encoders()  # T5-XXL alone is about 9.5 GB in bf16
-
-    # --- loss ---------------------------------------------------------------------------
-
-    def build_pipeline(self, sampler: str | None = None) -> FluxPipeline:
-        return flux_pipeline(self, sampler)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], unconditional: bool = False) -> dict[str, torch.Tensor]:
@@ -414,19 +208,20 @@ class FluxLoRA(DiffusionModule):
         noise = sample_noise(latents, self.objective.noise_offset, generator)
         sigmas = self.flow_matching.sample_sigmas(latents.shape[0], generator).to(latents.device)
         return self.velocity_loss(
-            latents, noise, sigmas, self.batch_conditioning(batch, generator, caption_dropout)
+            latents, noise, sigmas, self.text_conditioning(batch, generator, caption_dropout)
         )
 
-    def batch_conditioning(
+    def text_conditioning(
         self, batch: dict, generator: torch.Generator | None, caption_dropout: float
     ) -> dict:
         """The prepared cache's conditioning, else the prompt texts encoded here (FLUX's encoders
         take texts, not the DataModule's ids); dropped captions become the empty prompt's."""
         if "text" in batch and self._cached_text:
-            return super().batch_conditioning(batch, generator, caption_dropout)
-        text = self.encode_prompts(batch["prompts"])
+            text = from_arrays(batch["text"])
+        else:
+            text = self.encode_prompts(batch["prompts"])
         if caption_dropout > 0:
-            text = drop_captions(text, self.empty_prompt_embedding(), caption_dropout, generator)
+            text = drop_captions(text, self.kept_conditioning.empty_prompt(), caption_dropout, generator)
         return text
 
     # --- validation images and export ---------------------------------------------------
@@ -440,7 +235,7 @@ class FluxLoRA(DiffusionModule):
         pipe = self.build_pipeline(v.sampler)
         pipe.set_progress_bar_config(disable=True)
         size = v.resolution or self.vae.config.sample_size
-        text = self.prompt_conditioning(list(prompts))
+        text = self.kept_conditioning(list(prompts))
         with trainer_precision(self):
             images = pipe(
                 prompt_embeds=text["prompt_embeds"],

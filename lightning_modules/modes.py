@@ -12,10 +12,13 @@ trained block or a LoRA adapter is active.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from contextlib import contextmanager
 
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 def set_modes(module: nn.Module, training: bool) -> None:
@@ -67,3 +70,14 @@ def in_eval_mode(method: Callable) -> Callable:
             return method(self, *args, **kwargs)
 
     return wrapper
+
+
+def log_modes(module: nn.Module) -> None:
+    """One INFO line in place of Lightning's "modules in eval mode" warning (filtered: frozen
+    parts are in eval mode by design)."""
+    modules = list(module.modules())
+    log.info(
+        "%d modules in train mode (the trained parts), %d frozen ones in eval mode",
+        sum(m.training for m in modules),
+        sum(not m.training for m in modules),
+    )

@@ -120,3 +120,33 @@ def drop_captions(
         return torch.where(where, empty[name].reshape(1, *kept.shape[1:]).to(kept), kept)
 
     return from_arrays({name: replace(name) for name in arrays})
+
+
+def ddpm_loss(
+    scheduler: DDPMScheduler,
+    objective,
+    latents: torch.Tensor,
+    generator: torch.Generator | None,
+    predict,
+) -> torch.Tensor:
+    """The denoising loss of a model on a DDPM noise schedule, with `objective`'s (a
+    `settings.Objective`) noise offset, timestep range, min-SNR weighting and loss.
+
+    `predict(noisy, timesteps)` is the model's prediction; it is called after the noise and the
+    timesteps are drawn from `generator`, so that anything it draws (caption dropout) comes after.
+    """
+    noise = sample_noise(latents, objective.noise_offset, generator)
+    timesteps = sample_timesteps(
+        latents.shape[0],
+        scheduler.config.num_train_timesteps,
+        latents.device,
+        objective.min_timestep,
+        objective.max_timestep,
+        generator,
+    )
+    prediction = predict(scheduler.add_noise(latents, noise, timesteps), timesteps)
+    target = prediction_target(scheduler, latents, noise, timesteps)
+    weights = (
+        None if objective.snr_gamma is None else min_snr_weights(scheduler, timesteps, objective.snr_gamma)
+    )
+    return diffusion_loss(prediction, target, weights, objective.loss)

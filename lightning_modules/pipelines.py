@@ -17,39 +17,15 @@ from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import (
-    DDPMScheduler,
-    DiffusionPipeline,
-    KandinskyV22CombinedPipeline,
-    SchedulerMixin,
-    StableDiffusionPipeline,
-)
+from diffusers import DDPMScheduler, DiffusionPipeline, SchedulerMixin, StableDiffusionPipeline
 from PIL import Image
 
 from datamodules.atomic import recover_interrupted
 
-from .backbones import (
-    TINY_SD,
-    TINY_SD2,
-    TINY_SDXL,
-    _not_found,
-    build_sampler,
-    build_tiny_backbone,
-    local_name,
-)
-from .domain_text_encoder import DOMAIN_TEXT_LOADER, DomainTextPipeline, load_domain_text_pipeline
-from .export import MANIFEST, read_export_manifest
-from .flux import TINY_FLUX, tiny_flux_pipeline
-from .kandinsky import (
-    TINY_KANDINSKY,
-    build_tiny_kandinsky,
-    combined_pipeline,
-    load_kandinsky,
-    native_size,
-    pipeline_from_export,
-)
-from .sdxl import tiny_sdxl_pipeline
-from .textual_inversion import EMBEDDINGS_FILE
+from .backbones import _not_found, build_sampler, local_name
+from .domain_text_pipeline import DOMAIN_TEXT_LOADER, DomainTextPipeline, load_domain_text_pipeline
+from .export import EMBEDDINGS_FILE, MANIFEST, read_export_manifest
+from .families import pipeline_family, registered, tiny_model_family
 
 log = logging.getLogger(__name__)
 
@@ -134,50 +110,25 @@ def load_pipeline(
 
 
 def base_pipeline(name_or_path: str, revision: str | None = None, dtype: torch.dtype = torch.float32):
-    """A pretrained diffusers pipeline, or the tiny one built from config.
+    """A pretrained diffusers pipeline, or a tiny one built from config (fp32; load_pipeline casts).
 
     The safety checker is left out: on medical images its NSFW classifier fires on anatomy and
     silently replaces images with black ones, which would corrupt a synthetic data set.
     """
-    if name_or_path in TINY_PIPELINES:
-        return TINY_PIPELINES[name_or_path]()  # fp32; load_pipeline casts
+    tiny = tiny_model_family(name_or_path)
+    if tiny is not None:
+        return tiny.tiny_pipeline(name_or_path)
     name_or_path = local_name(name_or_path)  # the shipped demo base
     try:
         components = DiffusionPipeline.load_config(name_or_path, revision=revision)
     except (OSError, ValueError) as error:
         raise _not_found("the pipeline", name_or_path, error) from error
-    if components.get("_class_name") == "KandinskyV22Pipeline":
-        # A Kandinsky 2.2 decoder alone renders image embeddings, not prompts: put its prior
-        # (kandinsky-2-2-prior) in front, as a KandinskyDecoderTuning export does.
-        return combined_pipeline(load_kandinsky(name_or_path, None, revision, dtype=dtype))
+    family = pipeline_family(components.get("_class_name", ""))
+    if family is not None and family.load_folder is not None:
+        return family.load_folder(name_or_path, revision, dtype)
     no_checker = {"safety_checker": None, "requires_safety_checker": False}
     extra = no_checker if "safety_checker" in components else {}
     return DiffusionPipeline.from_pretrained(name_or_path, revision=revision, dtype=dtype, **extra)
-
-
-def tiny_pipeline(sd2: bool = False) -> StableDiffusionPipeline:
-    """`medsd/tiny-sd` (or `-sd2`) as a pipeline: the same weights every training run starts from."""
-    tiny = build_tiny_backbone(sd2=sd2)
-    return StableDiffusionPipeline(
-        vae=tiny.vae,
-        text_encoder=tiny.text_encoder,
-        tokenizer=tiny.tokenizer,
-        unet=tiny.unet,
-        scheduler=build_sampler(tiny.sampler_config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
-# The models built from config rather than loaded: name -> pipeline builder.
-TINY_PIPELINES = {
-    TINY_SD: tiny_pipeline,
-    TINY_SD2: lambda: tiny_pipeline(sd2=True),
-    TINY_SDXL: tiny_sdxl_pipeline,
-    TINY_FLUX: tiny_flux_pipeline,
-    TINY_KANDINSKY: lambda: combined_pipeline(build_tiny_kandinsky()),
-}
 
 
 def model_sampler(source: str | Path, base_model: str | None = None) -> SchedulerMixin:
@@ -190,8 +141,9 @@ def model_sampler(source: str | Path, base_model: str | None = None) -> Schedule
     if manifest is not None and _applies_to_base(manifest):
         name = base_model or manifest["base_model"]
         revision = None if base_model else manifest.get("base_revision")
-    if name in TINY_PIPELINES:
-        return TINY_PIPELINES[name]().scheduler
+    tiny = tiny_model_family(name)
+    if tiny is not None:
+        return tiny.tiny_pipeline(name).scheduler
     try:  # any scheduler class reads the file; its `_class_name` names the model's
         config = DDPMScheduler.load_config(local_name(name), subfolder="scheduler", revision=revision)
     except (OSError, ValueError) as error:
@@ -199,19 +151,26 @@ def model_sampler(source: str | Path, base_model: str | None = None) -> Schedule
     return build_sampler(dict(config))
 
 
+def _family_of(manifest: dict):
+    return registered(manifest["family"]) if "family" in manifest else None
+
+
 def _applies_to_base(manifest: dict) -> bool:
     """Whether an export holds a delta on its manifest's base model, whose sampler it keeps."""
-    kandinsky = manifest.get("strategy") == "KandinskyDecoderTuning"
-    return kandinsky or manifest.get("format") in (LORA, TEXTUAL_INVERSION)
+    family = _family_of(manifest)
+    return (family is not None and family.exports_apply_to_base) or manifest.get("format") in (
+        LORA,
+        TEXTUAL_INVERSION,
+    )
 
 
 def _from_export(folder: Path, manifest: dict, base_model: str | None, dtype: torch.dtype):
     """The pipeline an export describes: by its loader or family first, then by its format."""
-    kind = manifest.get("format")
+    kind, family = manifest.get("format"), _family_of(manifest)
     if manifest.get("loader") == DOMAIN_TEXT_LOADER:  # DomainTextEncoderFineTuning, CompactDiffusion
         return load_domain_text_pipeline(folder)
-    if manifest.get("strategy") == "KandinskyDecoderTuning":  # prior + decoder, decoder weights applied
-        return pipeline_from_export(folder, manifest, base_model, dtype)
+    if family is not None and family.load_export is not None:
+        return family.load_export(folder, manifest, base_model, dtype)
     if kind == "diffusers-pipeline":  # a complete pipeline folder (SD, SDXL, compact with CLIP)
         return base_pipeline(str(folder), dtype=dtype)
     if kind not in (LORA, TEXTUAL_INVERSION):
@@ -228,8 +187,7 @@ def _load_loras(pipe: StableDiffusionPipeline, paths: Sequence[str | Path]) -> N
     """Load each LoRA under its own adapter name and activate them all at full weight."""
     if paths and not hasattr(pipe, "load_lora_weights"):
         raise ValueError(
-            f"{type(pipe).__name__} takes no --lora files (a Kandinsky decoder's adapters come with "
-            "its KandinskyDecoderTuning export)"
+            f"{type(pipe).__name__} takes no --lora files (a model's own adapters come with its export)"
         )
     names = [f"lora_{i}" for i in range(len(paths))]
     for name, path in zip(names, paths, strict=True):
@@ -246,9 +204,10 @@ def diffusers_pipeline(pipe: StableDiffusionPipeline | DomainTextPipeline) -> St
 def set_scheduler(pipe: StableDiffusionPipeline | DomainTextPipeline, name: str) -> None:
     """Swap the sampler, keeping the model's noise schedule (betas, offsets, prediction type)."""
     inner = diffusers_pipeline(pipe)
-    inner.scheduler = swapped_sampler(inner.scheduler, name)
-    if isinstance(inner, KandinskyV22CombinedPipeline):  # its decoder holds its own reference
-        inner.decoder_pipe.scheduler = inner.scheduler
+    old, inner.scheduler = inner.scheduler, swapped_sampler(inner.scheduler, name)
+    for part in vars(inner).values():  # a combined pipeline's stages hold their own reference
+        if isinstance(part, DiffusionPipeline) and getattr(part, "scheduler", None) is old:
+            part.scheduler = inner.scheduler
 
 
 def swapped_sampler(sampler: SchedulerMixin, name: str) -> SchedulerMixin:
@@ -316,8 +275,10 @@ def render(
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    if isinstance(pipe, KandinskyV22CombinedPipeline):  # takes no None size: use its native one
-        height, width = height or native_size(pipe), width or native_size(pipe)
+    inner = diffusers_pipeline(pipe)
+    family = pipeline_family(type(inner).__name__)
+    if family is not None:  # some pipelines take no None size (Kandinsky's): give the native one
+        height, width = height or family.native_size(inner), width or family.native_size(inner)
     return pipe(
         list(prompts),
         num_inference_steps=steps,

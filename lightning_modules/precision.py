@@ -1,5 +1,5 @@
 """The precision policy: trained weights in fp32, frozen ones in the mixed precision's half type
-on the GPU, and the VAE in whatever dtype keeps its images finite."""
+on the GPU, and the autoencoder in whatever dtype keeps its images finite."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+from .sharding import check_sharding_settings, is_sharded
 
 if TYPE_CHECKING:
     from .diffusion import DiffusionModule
@@ -50,23 +52,37 @@ def refuse_half_trained_weights(precision: str) -> None:
         )
 
 
-def place_frozen_weights(module: DiffusionModule, precision: str, sharded: bool) -> torch.dtype:
-    """Cast the frozen U-Net, text encoder and VAE weights for a fit on the GPU under a mixed
-    precision; returns the dtype the VAE's inputs must have (VAE calls run outside autocast)."""
+def apply_precision_policy(module: DiffusionModule, trainer) -> torch.dtype:
+    """At set-up, before Lightning moves the model to the GPU (FLUX.1-dev in fp32 is about 67 GB):
+    refuse a precision the family or FSDP cannot train under, make the trained weights fp32 and
+    place the frozen ones. Returns the dtype the autoencoder's inputs must have."""
+    precision, sharded = str(trainer.precision), is_sharded(trainer)
+    allowed = module.family.precisions
+    if allowed is not None and precision not in allowed:
+        raise ValueError(
+            f"{type(module).__name__} runs under precision {' or '.join(map(repr, allowed))}, not "
+            f"'{precision}': {module.family.precision_reason}"
+        )
+    if sharded:
+        check_sharding_settings(module, precision)
+    train_in_fp32(module, precision)
+    return place_frozen_weights(module, precision, sharded, trainer.strategy.root_device.type)
+
+
+def place_frozen_weights(module: DiffusionModule, precision: str, sharded: bool, device: str) -> torch.dtype:
+    """Cast every frozen part for a fit on the GPU under a mixed precision; returns the dtype the
+    autoencoder's inputs must have (its calls run outside autocast)."""
     if sharded:
         # FSDP keeps every weight in fp32 shards and gathers them in the compute precision, the
-        # VAE's included.
+        # autoencoder's included.
         return HALF_PRECISIONS.get(precision, torch.float32)
-    if module.device.type != "cuda" or precision not in HALF_PRECISIONS:
-        return module._vae_dtype
-    # The fp16 VAE overflows into NaNs (black images), so under 16-mixed it stays fp32.
-    if precision == "bf16-mixed":
-        vae_dtype = torch.bfloat16
-    else:
-        module.vae.requires_grad_(False)
-        module.vae.to(torch.float32)
-        vae_dtype = torch.float32
-    cast_frozen_parameters(module.unet, HALF_PRECISIONS[precision])
-    cast_frozen_parameters(module.text_encoder, HALF_PRECISIONS[precision])
-    cast_frozen_parameters(module.vae, vae_dtype)
-    return vae_dtype
+    autoencoder = module.autoencoder
+    if device != "cuda" or precision not in HALF_PRECISIONS:
+        return next(autoencoder.parameters()).dtype
+    # An fp16 VAE overflows into NaNs (black images), so under 16-mixed it stays fp32.
+    autoencoder_dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
+    for part in module.children():
+        if part is not autoencoder:
+            cast_frozen_parameters(part, HALF_PRECISIONS[precision])
+    cast_frozen_parameters(autoencoder, autoencoder_dtype)
+    return autoencoder_dtype

@@ -31,6 +31,12 @@ class PromptTokenizer:
         self.template = template
         self.replacements = dict(replacements or {})
 
+    @property
+    def identity(self) -> dict:
+        """What makes two tokenizers' prompts encode alike (the tokenizer itself aside): a
+        prepared cache's text embeddings are reused only under the same."""
+        return {"template": self.template, "replacements": self.replacements, "max_length": self.max_length}
+
     def expand(self, prompt: str) -> str:
         text = self.template.format(prompt=prompt)
         for word, expansion in self.replacements.items():

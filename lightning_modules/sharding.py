@@ -21,31 +21,24 @@ import logging
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
-log = logging.getLogger(__name__)
+from .families import all_families
 
-# Class names of the blocks that become FSDP units, wherever they occur in a model.
-BLOCK_CLASSES = frozenset(
-    {
-        # diffusers: U-Nets (SD, SDXL, Kandinsky, compact) and the VAEs
-        "BasicTransformerBlock",
-        "ResnetBlock2D",
-        # diffusers: FLUX's transformer
-        "FluxTransformerBlock",
-        "FluxSingleTransformerBlock",
-        # transformers: CLIP, T5 and BERT-like text encoders, CLIP's image tower
-        "CLIPEncoderLayer",
-        "T5Block",
-        "BertLayer",
-    }
-)
+log = logging.getLogger(__name__)
 
 # Where `nn.Module.named_parameters` of a wrapped model differs from its state dict's keys.
 WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
 
 def shard_units(model: nn.Module) -> set[type[nn.Module]]:
-    """The block classes of `model` that FSDP wraps as units."""
-    return {type(m) for m in model.modules() if type(m).__name__ in BLOCK_CLASSES}
+    """The block classes of `model` that FSDP wraps as units: those its family names (or, for a
+    model of no family, any registered family's)."""
+    family = getattr(model, "family", None)
+    names = (
+        family.block_classes
+        if family is not None
+        else set().union(*(f.block_classes for f in all_families()))
+    )
+    return {type(m) for m in model.modules() if type(m).__name__ in names}
 
 
 def unwrapped_name(name: str) -> str:

@@ -8,9 +8,8 @@ import torch
 from safetensors.torch import save_file
 
 from .diffusion import DiffusionModule
+from .export import EMBEDDINGS_FILE
 from .prompts import PromptTokenizer
-
-EMBEDDINGS_FILE = "learned_embeds.safetensors"
 
 
 class TextualInversion(DiffusionModule):

@@ -65,12 +65,12 @@ def pipeline_images(module: L.LightningModule, prompts: list[str], seeds: list[i
     v = module.validation
     pipe = module.build_pipeline(v.sampler)
     pipe.set_progress_bar_config(disable=True)
-    size = v.resolution or module.native_resolution(pipe)
+    size = v.resolution or module.family.native_size(pipe)
     # The denoising loop runs in the Trainer's precision; decoding is done in fp32 (or the VAE's
     # bf16) by decode_latents, where the fp16 VAE's overflow cannot reach it.
     with trainer_precision(module):
         latents = pipe(
-            **module.pipeline_prompts(prompts),
+            **module.family.pipeline_prompts(module, prompts),
             num_inference_steps=v.num_inference_steps,
             guidance_scale=v.guidance_scale,
             generator=[torch.Generator().manual_seed(s) for s in seeds],

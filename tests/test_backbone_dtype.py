@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 
 from datamodules import SyntheticShapesDataModule
 from lightning_modules import FluxLoRA, LoRAFineTuning
-from lightning_modules.backbones import BackboneSpec, load_backbone
-from lightning_modules.flux import TINY_FLUX
-from lightning_modules.pipelines import tiny_pipeline
+from lightning_modules.backbones import TINY_FLUX, TINY_SD, BackboneSpec
+from lightning_modules.families.stable_diffusion import load_backbone
+from lightning_modules.pipelines import base_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,7 +24,7 @@ def dtypes(module, trainable: bool) -> set[torch.dtype]:
 
 
 def test_a_local_model_is_read_in_the_dtype(tmp_path):
-    tiny_pipeline().save_pretrained(tmp_path)
+    base_pipeline(TINY_SD).save_pretrained(tmp_path)
     full = load_backbone(BackboneSpec(str(tmp_path)))
     half = load_backbone(BackboneSpec(str(tmp_path), dtype="bfloat16"))
     for part in ("unet", "vae", "text_encoder"):

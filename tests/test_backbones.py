@@ -4,14 +4,14 @@ import torch
 
 from lightning_modules.backbones import (
     DEMO_BASE,
+    TINY_SD,
     BackboneNotFoundError,
     BackboneSpec,
     build_clip_tokenizer,
-    build_tiny_backbone,
-    load_backbone,
     load_text_encoder,
 )
-from lightning_modules.pipelines import load_pipeline, render, tiny_pipeline
+from lightning_modules.families.stable_diffusion import build_tiny_backbone, load_backbone
+from lightning_modules.pipelines import base_pipeline, load_pipeline, render
 
 PROMPTS = [
     "Small left pleural effusion. No pneumothorax.",
@@ -41,7 +41,7 @@ def test_tiny_backbone_is_deterministic_and_consistent():
 
 def test_loads_a_local_diffusers_folder(tmp_path):
     tiny = build_tiny_backbone()
-    tiny_pipeline().save_pretrained(tmp_path)
+    base_pipeline(TINY_SD).save_pretrained(tmp_path)
     loaded = load_backbone(BackboneSpec(str(tmp_path), prediction_type="v_prediction"))
     torch.testing.assert_close(loaded.unet.state_dict(), tiny.unet.state_dict(), rtol=0, atol=0)
     assert loaded.noise_scheduler.config.prediction_type == "v_prediction"

@@ -13,9 +13,10 @@ from evaluation.sample_folder import read_manifest
 from experiments.cli import main as medsd
 from experiments.lightning_cli import MedsdCLI, build_datamodule
 from lightning_modules import CompactDiffusion, VAETraining, load_domain_text_pipeline
-from lightning_modules.backbones import TINY_BERT, TINY_CLIP, build_tiny_backbone, build_tiny_bert
-from lightning_modules.domain_text_encoder import DomainTextPipeline
+from lightning_modules.backbones import TINY_BERT, TINY_CLIP, build_tiny_bert
+from lightning_modules.domain_text_pipeline import DomainTextPipeline
 from lightning_modules.export import read_export_manifest
+from lightning_modules.families.stable_diffusion import build_tiny_backbone
 from lightning_modules.objectives import diffusion_loss, sample_noise, sample_timesteps
 from lightning_modules.pipelines import diffusers_pipeline, load_pipeline
 from lightning_modules.settings import Objective

@@ -14,17 +14,11 @@ from evaluation.sample_folder import read_manifest
 from experiments.cli import main as medsd
 from experiments.lightning_cli import MedsdCLI
 from lightning_modules import BackboneNotFoundError, BackboneSpec, FluxLoRA, Objective
+from lightning_modules.backbones import TINY_FLUX
 from lightning_modules.export import read_export_manifest
-from lightning_modules.flux import (
-    FlowMatching,
-    build_tiny_flux,
-    latent_ids,
-    load_flux,
-    pack_latents,
-    tiny_flux_pipeline,
-    unpack_latents,
-)
-from lightning_modules.pipelines import load_pipeline
+from lightning_modules.families.flux import build_tiny_flux, load_flux
+from lightning_modules.flux import FlowMatching, latent_ids, pack_latents, unpack_latents
+from lightning_modules.pipelines import base_pipeline, load_pipeline
 
 CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "tiny" / "flux_lora.yaml"
 PROMPTS = ["a bright circle on the left", "a bright square on the right"]
@@ -109,7 +103,7 @@ def test_packing_round_trips_and_matches_flux_pipeline():
 
 
 def test_a_local_diffusers_folder_loads_through_from_pretrained(tmp_path):
-    tiny_flux_pipeline().save_pretrained(tmp_path)
+    base_pipeline(TINY_FLUX).save_pretrained(tmp_path)
     loaded, built = load_flux(BackboneSpec(str(tmp_path))), build_tiny_flux()
     for name in ("text_encoder", "text_encoder_2", "vae", "transformer"):
         ours, theirs = getattr(loaded, name).state_dict(), getattr(built, name).state_dict()
@@ -146,7 +140,7 @@ def test_fit_trains_only_the_adapters_and_the_export_loads_into_flux_pipeline(ru
         generator = torch.Generator().manual_seed(0)
         return pipe(PROMPTS[0], num_inference_steps=2, generator=generator, output_type="np").images
 
-    pipe = tiny_flux_pipeline()
+    pipe = base_pipeline(TINY_FLUX)
     pipe.set_progress_bar_config(disable=True)
     before = render(pipe)
     pipe.load_lora_weights(str(root / "export"))

@@ -19,7 +19,8 @@ from evaluation.sample_folder import read_manifest
 from experiments.cli import main as medsd
 from experiments.lightning_cli import MedsdCLI
 from lightning_modules import BackboneNotFoundError, BackboneSpec, KandinskyDecoderTuning, Objective
-from lightning_modules.kandinsky import LORA_WEIGHTS, TINY_KANDINSKY, build_tiny_kandinsky, load_kandinsky
+from lightning_modules.backbones import TINY_KANDINSKY
+from lightning_modules.families.kandinsky import LORA_WEIGHTS, build_tiny_kandinsky, load_kandinsky
 from lightning_modules.pipelines import base_pipeline, load_pipeline, render
 from tests.helpers.kandinsky import save_tiny_kandinsky
 
@@ -92,7 +93,7 @@ def test_diffusers_folders_load_like_the_hub_models(module, tmp_path):
     )
     for part in ("prior", "text_encoder", "image_encoder", "unet"):
         assert same_weights(getattr(loaded, part), getattr(tiny, part)), part
-    assert same_weights(loaded.vae, tiny.movq)
+    assert same_weights(loaded.movq, tiny.movq)
     assert loaded.tokenizer("a polyp").input_ids == tiny.tokenizer("a polyp").input_ids
     # `medsd sample` on a decoder folder alone puts the released prior in front of it rather than
     # returning a decoder pipeline that cannot take prompts (offline here, so the prior is missing).
@@ -121,7 +122,7 @@ def test_loss_is_epsilon_mse_on_the_first_half_of_the_unet_output(module, snr_ga
         handle.remove()
 
     # By hand: the same draws (noise, then timesteps) from the same seed.
-    latents = module.vae.encode(pixels).latents
+    latents = module.movq.encode(pixels).latents
     generator = torch.Generator().manual_seed(3)
     noise = torch.randn(latents.shape, generator=generator)
     timesteps = torch.randint(0, 1000, (2,), generator=generator)
@@ -167,7 +168,7 @@ def test_lora_fit_trains_only_the_adapters_and_the_export_loads_into_the_decoder
     model, base = cli.model, build_tiny_kandinsky()
     for part in ("prior", "text_encoder", "image_encoder"):
         assert same_weights(getattr(model, part), getattr(base, part)), part
-    assert same_weights(model.vae, base.movq)
+    assert same_weights(model.movq, base.movq)
     trained = {n: p for n, p in model.unet.named_parameters() if p.requires_grad}
     assert trained and all("lora_" in n for n in trained)
     assert any(p.abs().max() > 0 for n, p in trained.items() if "lora_B" in n)  # B starts at zero

@@ -32,7 +32,7 @@ def test_the_cache_holds_movq_latents_and_image_embeddings(folder, cache):
         dm.tokenizer = module.prompt_tokenizer
     for a, b in zip(direct.val_dataloader(), cached.val_dataloader(), strict=True):
         assert "pixel_values" not in b and list(b["text"]) == ["image_embeds"]
-        latents = module.encode_latents(a["pixel_values"])
+        latents, _ = module.latent_posterior(a["pixel_values"])
         torch.testing.assert_close(b["latent_mean"], latents, rtol=1e-5, atol=1e-5)
         assert torch.equal(b["latent_std"], torch.zeros_like(latents))
         embeds = module.image_embeddings(a["pixel_values"])
@@ -51,7 +51,7 @@ def test_a_fit_from_the_cache_needs_neither_images_nor_the_image_encoder(folder,
     module = KandinskyDecoderTuning(validation=Validation(prompts=[]))
     calls = []
     module.image_encoder.register_forward_hook(lambda *args: calls.append(1))
-    module.vae.register_forward_hook(lambda *args: calls.append(1))
+    module.movq.register_forward_hook(lambda *args: calls.append(1))
     quiet_trainer(tmp_path, max_steps=3).fit(module, data(folder, cache_dir=str(cache)))
     assert module.global_step == 3 and calls == []
     assert (tmp_path / "export" / "medsd_export.json").is_file()

@@ -12,8 +12,8 @@ import pytest
 from torch import nn
 
 from experiments.cli import main as medsd
-from lightning_modules.flux import tiny_flux_pipeline
-from lightning_modules.sdxl import tiny_sdxl_pipeline
+from lightning_modules.backbones import TINY_FLUX, TINY_SDXL
+from lightning_modules.pipelines import base_pipeline
 from tests.helpers.kandinsky import save_tiny_kandinsky
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -81,8 +81,8 @@ class ModeProbe(L.Callback):
 def saved(tmp_path_factory) -> dict[str, Path]:
     """The tiny SDXL, FLUX and Kandinsky models saved as diffusers folders in the hubs' layout."""
     root = tmp_path_factory.mktemp("saved")
-    tiny_sdxl_pipeline().save_pretrained(root / "sdxl")
-    tiny_flux_pipeline().save_pretrained(root / "flux")
+    base_pipeline(TINY_SDXL).save_pretrained(root / "sdxl")
+    base_pipeline(TINY_FLUX).save_pretrained(root / "flux")
     save_tiny_kandinsky(root)
     return {name: root / name for name in ("sdxl", "flux", "prior", "decoder")}
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_modules.diffusion import adamw_with_schedule
+from lightning_modules.optimization import adamw_with_schedule
 from lightning_modules.settings import Optimizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

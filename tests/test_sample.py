@@ -25,9 +25,10 @@ from experiments.sample import (
     shard,
 )
 from lightning_modules import load_domain_text_pipeline
+from lightning_modules.backbones import TINY_SD
 from lightning_modules.cost import count_flops
-from lightning_modules.domain_text_encoder import DomainTextPipeline
-from lightning_modules.pipelines import load_pipeline, tiny_pipeline
+from lightning_modules.domain_text_pipeline import DomainTextPipeline
+from lightning_modules.pipelines import base_pipeline, load_pipeline
 
 CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "tiny"
 KINDS = ["unet", "lora", "textual_inversion", "domain_text_encoder"]
@@ -94,7 +95,7 @@ def image_bytes(out: Path) -> dict[str, bytes]:
 def test_load_pipeline_reads_each_export_kind(runs):
     unet = load_pipeline(runs["unet"] / "export")
     assert isinstance(unet, StableDiffusionPipeline)
-    assert not torch.equal(unet.unet.conv_in.weight, tiny_pipeline().unet.conv_in.weight)
+    assert not torch.equal(unet.unet.conv_in.weight, base_pipeline(TINY_SD).unet.conv_in.weight)
     lora = load_pipeline(runs["lora"])  # a run folder stands for its export
     assert lora.get_active_adapters() == ["lora_0"]
     ti = load_pipeline(runs["textual_inversion"], scheduler="dpm++")

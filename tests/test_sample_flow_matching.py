@@ -10,8 +10,8 @@ import pytest
 
 from experiments.cli import main as medsd
 from experiments.lightning_cli import MedsdCLI
-from lightning_modules.flux import tiny_flux_pipeline
-from lightning_modules.pipelines import load_pipeline
+from lightning_modules.backbones import TINY_FLUX
+from lightning_modules.pipelines import base_pipeline, load_pipeline
 
 CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "tiny" / "flux_lora.yaml"
 PROMPTS = ["a bright circle on the left", "a bright square on the right"]
@@ -33,7 +33,7 @@ def flux_run(tmp_path_factory) -> Path:
 def flux_folder(tmp_path_factory) -> Path:
     """medsd/tiny-flux saved as a plain diffusers folder (no medsd manifest)."""
     folder = tmp_path_factory.mktemp("tiny_flux")
-    tiny_flux_pipeline().save_pretrained(folder)
+    base_pipeline(TINY_FLUX).save_pretrained(folder)
     return folder
 
 

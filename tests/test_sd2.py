@@ -6,7 +6,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from experiments.cli import main as medsd
-from lightning_modules.backbones import TINY_SD2, BackboneSpec, load_backbone
+from lightning_modules.backbones import TINY_SD2, BackboneSpec
+from lightning_modules.families.stable_diffusion import load_backbone
 from lightning_modules.objectives import prediction_target
 
 

@@ -7,8 +7,10 @@ from diffusers import StableDiffusionXLPipeline
 
 from experiments.cli import main as medsd
 from experiments.lightning_cli import build_from_config
-from lightning_modules.pipelines import load_pipeline
-from lightning_modules.sdxl import build_tiny_sdxl, second_encoder_ids, tiny_sdxl_pipeline
+from lightning_modules.backbones import TINY_SDXL
+from lightning_modules.families.sdxl import build_tiny_sdxl
+from lightning_modules.pipelines import base_pipeline, load_pipeline
+from lightning_modules.sdxl import second_encoder_ids
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +35,7 @@ def test_second_encoder_ids_equal_the_second_tokenizer():
 
 def test_conditioning_equals_the_sdxl_pipeline(module):
     pipe = StableDiffusionXLPipeline(
-        **{**tiny_sdxl_pipeline().components}, force_zeros_for_empty_prompt=False
+        **{**base_pipeline(TINY_SDXL).components}, force_zeros_for_empty_prompt=False
     )
     with torch.no_grad():
         embeds, _, pooled, _ = pipe.encode_prompt(PROMPTS, do_classifier_free_guidance=False)
@@ -63,7 +65,7 @@ def runs(tmp_path_factory):
 
 def test_full_fine_tuning_exports_an_sdxl_pipeline(runs):
     pipe = load_pipeline(runs["sdxl_unet"])
-    base = tiny_sdxl_pipeline()
+    base = base_pipeline(TINY_SDXL)
     assert isinstance(pipe, StableDiffusionXLPipeline) and not pipe.config.force_zeros_for_empty_prompt
     changed = [
         name
@@ -82,7 +84,7 @@ def test_full_fine_tuning_exports_an_sdxl_pipeline(runs):
 
 def test_lora_export_loads_into_the_sdxl_pipeline(runs):
     pipe = load_pipeline(runs["sdxl_lora"])
-    base = tiny_sdxl_pipeline()
+    base = base_pipeline(TINY_SDXL)
     images = [
         p(
             PROMPTS[0], num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np"

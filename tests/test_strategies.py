@@ -9,8 +9,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from experiments.lightning_cli import MedsdCLI, build_from_config
 from lightning_modules import load_domain_text_pipeline
-from lightning_modules.backbones import build_tiny_backbone, build_tiny_bert
-from lightning_modules.pipelines import tiny_pipeline
+from lightning_modules.backbones import TINY_SD, build_tiny_bert
+from lightning_modules.families.stable_diffusion import build_tiny_backbone
+from lightning_modules.pipelines import base_pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +51,7 @@ def render(pipe, seed: int = 0):
 
 def test_textual_inversion_export_loads_in_diffusers(fit):
     cli, root = fit("textual_inversion")
-    pipe = tiny_pipeline()
+    pipe = base_pipeline(TINY_SD)
     base_rows = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
     pipe.load_textual_inversion(str(root / "export" / "learned_embeds.safetensors"))
 
@@ -71,7 +72,7 @@ def test_textual_inversion_export_loads_in_diffusers(fit):
 def test_unet_export_is_a_diffusers_pipeline_with_only_the_unet_changed(fit):
     cli, root = fit("unet")
     exported = StableDiffusionPipeline.from_pretrained(root / "export")
-    base = tiny_pipeline()
+    base = base_pipeline(TINY_SD)
     assert not same_weights(exported.unet, base.unet)
     assert same_weights(exported.vae, base.vae)
     assert same_weights(exported.text_encoder, base.text_encoder)
@@ -109,7 +110,7 @@ def test_run_folder_holds_config_logs_checkpoints_and_export(fit):
 def test_lora_export_loads_with_load_lora_weights_and_changes_the_output(fit):
     cli, root = fit("lora")
     assert (root / "export" / "pytorch_lora_weights.safetensors").is_file()
-    pipe = tiny_pipeline()
+    pipe = base_pipeline(TINY_SD)
     before = render(pipe)
     pipe.load_lora_weights(str(root / "export"))
     after = render(pipe)
@@ -126,7 +127,7 @@ def test_lora_export_loads_with_load_lora_weights_and_changes_the_output(fit):
 def test_text_encoder_and_unet_tuning_changes_both(fit):
     _, root = fit("text_encoder")
     exported = StableDiffusionPipeline.from_pretrained(root / "export")
-    base = tiny_pipeline()
+    base = base_pipeline(TINY_SD)
     assert not same_weights(exported.text_encoder, base.text_encoder)
     assert not same_weights(exported.unet, base.unet)
     assert same_weights(exported.vae, base.vae)
@@ -135,7 +136,7 @@ def test_text_encoder_and_unet_tuning_changes_both(fit):
 def test_text_encoder_alone_leaves_the_unet_identical(fit):
     cli, root = fit("text_encoder", "--model.init_args.train_unet", "false")
     exported = StableDiffusionPipeline.from_pretrained(root / "export")
-    base = tiny_pipeline()
+    base = base_pipeline(TINY_SD)
     assert not same_weights(exported.text_encoder, base.text_encoder)
     assert same_weights(exported.unet, base.unet)
     assert same_weights(exported.vae, base.vae)

@@ -11,7 +11,7 @@ import torch
 
 from datamodules import SyntheticShapesDataModule
 from lightning_modules import FineTuning, Optimizer
-from lightning_modules.backbones import build_tiny_backbone
+from lightning_modules.families.stable_diffusion import build_tiny_backbone
 from lightning_modules.precision import cast_frozen_parameters
 
 pytestmark = pytest.mark.slow

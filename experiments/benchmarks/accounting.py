@@ -22,8 +22,9 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from lightning_modules import BackboneSpec, FineTuning
-from lightning_modules.backbones import DEMO_BASE_DIR, build_sampler, build_tiny_backbone
+from lightning_modules.backbones import DEMO_BASE_DIR, build_sampler
 from lightning_modules.cost import parameter_counts, training_flops
+from lightning_modules.families.stable_diffusion import build_tiny_backbone
 
 
 def save_mid_size_model(folder: Path, resolution: int) -> None:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from diffusers import DDPMScheduler, KandinskyV22Pipeline, KandinskyV22PriorPipeline
 
-from lightning_modules.kandinsky import KandinskyParts, build_tiny_kandinsky
+from lightning_modules.families.kandinsky import KandinskyParts, build_tiny_kandinsky
 
 
 def save_tiny_kandinsky(root: Path) -> KandinskyParts:
