@@ -19,7 +19,7 @@ from torch import nn
 from datamodules.cache import PreparedCache
 
 from .backbones import BackboneSpec
-from .conditioning import Conditioning, as_arrays, from_arrays
+from .conditioning import Conditioning, from_arrays
 from .export import export_at_fit_end
 from .families import Family, registered
 from .modes import log_modes, set_modes
@@ -29,7 +29,7 @@ from .precision import apply_precision_policy, refuse_half_trained_weights
 from .prompts import PromptTokenizer
 from .settings import Objective, Optimizer, Validation
 from .sharding import is_sharded
-from .text_conditioning import KeptConditioning, cached_text_fits, release_text_encoders
+from .text_conditioning import KeptConditioning, cached_text_fits, encode_tokenized, release_text_encoders
 from .trained_weights import ema_weights, keep_trained
 from .validation_images import log_grid, pipeline_images, render_rank_share
 
@@ -85,8 +85,6 @@ class DiffusionModule(L.LightningModule):
         self.kept_conditioning = KeptConditioning(self)
         self._validation_images: torch.Tensor | None = None
 
-    # --- what strategies define ---------------------------------------------------------
-
     @property
     def autoencoder(self) -> nn.Module:
         return getattr(self, self.family.autoencoder)
@@ -117,8 +115,6 @@ class DiffusionModule(L.LightningModule):
 
     def after_optimizer_step(self) -> None:
         """Called after every optimiser step, before the EMA update."""
-
-    # --- set-up -------------------------------------------------------------------------
 
     def enable_gradient_checkpointing(self) -> None:
         if self.gradient_checkpointing:
@@ -152,8 +148,6 @@ class DiffusionModule(L.LightningModule):
         if self._cached_text and self.text_encoders() and not is_sharded(self.trainer):
             # (Sharded encoders hold 1/N of their weights and run only inside FSDP's forward.)
             release_text_encoders(self)
-
-    # --- loss ---------------------------------------------------------------------------
 
     @torch.no_grad()
     def latent_posterior(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,8 +246,6 @@ class DiffusionModule(L.LightningModule):
         self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=len(batch["prompts"]))
         return loss
 
-    # --- optimiser, EMA and checkpoints --------------------------------------------------
-
     def configure_optimizers(self):
         return adamw_with_schedule(self, self.parameter_groups(), self.optimizer_settings)
 
@@ -270,21 +262,14 @@ class DiffusionModule(L.LightningModule):
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
 
-    # --- validation images and export ----------------------------------------------------
-
     def build_pipeline(self, sampler: str | None = None):
         """The family's diffusers pipeline over this module's own parts (no copies)."""
         return self.family.pipeline(self, sampler)
 
-    @torch.no_grad()
     def encode_prompts(self, prompts: list[str], unconditional: bool = False) -> Conditioning:
         """Prompt texts (caption template applied) or, if `unconditional`, as many empty prompts ->
         the conditioning, on this module's device."""
-        tokenizer = self.prompt_tokenizer
-        tokens = tokenizer.unconditional(len(prompts)) if unconditional else tokenizer(prompts)
-        device = next(self.text_encoder.parameters()).device  # the CPU once a cache replaced it
-        embeds = self.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
-        return from_arrays({k: v.to(self.device) for k, v in as_arrays(embeds).items()})
+        return encode_tokenized(self, prompts, unconditional)
 
     def generate(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
         """One image per (prompt, seed) as [N, 3, H, W] in [0, 1]: the validation images."""

@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+import torch
+
 from datamodules.cache import CacheMismatchError, PreparedCache
 
 from .conditioning import Conditioning, as_arrays, concat_rows, from_arrays, repeat_rows
@@ -14,6 +16,17 @@ if TYPE_CHECKING:
     from .diffusion import DiffusionModule
 
 log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def encode_tokenized(module: DiffusionModule, prompts: list[str], unconditional: bool) -> Conditioning:
+    """`module.encode_prompts` of a family whose text encoder reads its tokenizer's ids: the ids
+    through `module.encode_text`, on the encoder's device (the CPU once a cache replaced it)."""
+    tokenizer = module.prompt_tokenizer
+    tokens = tokenizer.unconditional(len(prompts)) if unconditional else tokenizer(prompts)
+    device = next(module.text_encoder.parameters()).device
+    embeds = module.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+    return from_arrays({k: v.to(module.device) for k, v in as_arrays(embeds).items()})
 
 
 class KeptConditioning:
