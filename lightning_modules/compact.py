@@ -19,14 +19,11 @@ import lightning as L
 import torch
 from diffusers import AutoencoderKL
 
-from datamodules.atomic import atomic_directory
-
 from .backbones import TINY_CLIP, BackboneSpec
 from .diffusion import DiffusionModule
 from .domain_text_pipeline import save_domain_text_export
-from .export import write_export_manifest
+from .export import write_export_folder
 from .families import registered
-from .guards import refuse_non_finite_weights
 from .optimization import adamw_with_schedule
 from .pipelines import resolve_source
 from .settings import Objective, Optimizer, Validation
@@ -153,16 +150,12 @@ class VAETraining(L.LightningModule):
             std = self.latent_std(batches)
             self.vae.register_to_config(scaling_factor=1.0 / std)
             folder = Path(self.trainer.default_root_dir) / "export"
-            refuse_non_finite_weights(self, f"the export {folder}")
-            with atomic_directory(folder) as scratch:
+
+            def write(scratch: Path) -> dict:
                 self.vae.save_pretrained(scratch, safe_serialization=True)
-                write_export_manifest(
-                    scratch,
-                    strategy=type(self).__name__,
-                    format="diffusers-autoencoder",
-                    scaling_factor=1.0 / std,
-                    global_step=self.global_step,
-                )
+                return {"format": "diffusers-autoencoder", "scaling_factor": 1.0 / std}
+
+            write_export_folder(self, folder, write, global_step=self.global_step)
             log.info("exported the VAE (latent std %.4g) to %s", std, folder)
         self.trainer.strategy.barrier("medsd-export")
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from datamodules.atomic import atomic_directory
 
@@ -53,21 +55,28 @@ def export_at_fit_end(module: DiffusionModule) -> None:
 
 
 def write_export(module: DiffusionModule, folder: Path, global_step: int) -> None:
-    """The module's export (EMA weights if kept) and its manifest, written whole into `folder`;
-    refused (the previous export kept) if a trained weight is not finite."""
-    with ema_weights(module), atomic_directory(folder) as scratch:
-        refuse_non_finite_weights(module, f"the export {folder}")
-        extra = module.export(scratch)
-        write_export_manifest(
-            scratch,
-            **extra,
-            strategy=type(module).__name__,
+    """The module's export (EMA weights if kept) and its manifest, written whole into `folder`."""
+    spec = module.backbone_spec
+    with ema_weights(module):
+        write_export_folder(
+            module,
+            folder,
+            module.export,
             family=module.family.name,
-            base_model=module.backbone_spec.name_or_path,
-            base_revision=module.backbone_spec.revision,
+            base_model=spec.name_or_path,
+            base_revision=spec.revision,
             global_step=global_step,
             ema=module.ema is not None,
         )
+
+
+def write_export_folder(module: nn.Module, folder: Path, write: Callable[[Path], dict], **fields) -> None:
+    """`write(scratch)` (returning more manifest fields) and the manifest with `fields` and the
+    module's class as its strategy, written whole into `folder`; refused (the previous export
+    kept) if a trained weight of `module` is not finite."""
+    refuse_non_finite_weights(module, f"the export {folder}")
+    with atomic_directory(folder) as scratch:
+        write_export_manifest(scratch, **write(scratch), **fields, strategy=type(module).__name__)
     log.info("exported %s to %s", type(module).__name__, folder)
 
 
