@@ -7,7 +7,6 @@ command imports what it needs (Lightning, diffusers, ...) only when it runs.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import logging
 import os
@@ -42,17 +41,41 @@ PACKAGES = ("lightning_modules", "datamodules", "experiments", "evaluation")
 CONFIG_GROUPS = ("--config", "--data", "--model", "--trainer", "--seed_everything")
 
 
-def parse_with_config_args(parser: argparse.ArgumentParser, argv: list[str]):
+def command_parser(prog: str, description: str):
+    """The parser of one of medsd's own commands (jsonargparse): typed options, strict (a misspelt
+    flag is an error naming it), `--settings FILE` giving any of them from a YAML file (by their
+    names with underscores: `per_prompt: 4`; flags after it override it) and `--print_config`,
+    which prints the parsed options as such a file. `--config` stays what it is in every command:
+    a `medsd fit` run config."""
+    from jsonargparse import ActionConfigFile, ArgumentParser  # here: `medsd --help` stays instant
+
+    parser = ArgumentParser(prog=prog, description=description)
+    parser.add_argument(
+        "--settings",
+        action=ActionConfigFile,
+        help="a YAML file of this command's options (see --print_config)",
+    )
+    return parser
+
+
+def parse_with_config_args(parser, argv: list[str]):
     """(args, config_args): `parser`'s own arguments, and the `medsd fit` config arguments
     (`--config FILE`, `--data.init_args.root DIR`, ...) a command passes on to build a run's data
-    or model, where jsonargparse checks every key. Any other flag is an error naming it, so a
-    misspelt option (`--boostrap 1000`) never passes silently."""
-    args, rest = parser.parse_known_args(argv)
-    flags = [a for a in rest if a.startswith("--")]
-    unknown = [a for a in flags if a.split("=", 1)[0].split(".")[0] not in CONFIG_GROUPS]
-    if unknown or (rest and not rest[0].startswith("--")):
-        parser.error(f"unrecognized arguments: {' '.join(unknown or rest)}")
-    return args, rest
+    or model, where jsonargparse checks every key. Every other argument goes to `parser`, which
+    refuses what it does not know by name, so a misspelt option (`--boostrap 1000`) never passes
+    silently."""
+    own_flags = {flag for action in parser._actions for flag in action.option_strings}
+    own, passed_on, i = [], [], 0
+    while i < len(argv):
+        flag = argv[i].split("=", 1)[0]
+        if flag not in own_flags and flag.split(".")[0] in CONFIG_GROUPS:
+            takes_next = "=" not in argv[i] and i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            passed_on += argv[i : i + 1 + takes_next]
+            i += 1 + takes_next
+        else:
+            own.append(argv[i])
+            i += 1
+    return parser.parse_args(own), passed_on
 
 
 def usage() -> str:

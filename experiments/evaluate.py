@@ -14,7 +14,6 @@ While it runs, `--out` is locked (`experiments.run_lock`): a second evaluation i
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from evaluation.metrics.context import ClassifierFeatures, EvaluationContext
 from evaluation.sample_folder import Generated
 from evaluation.suite import PathFeatures, TensorFeatures
 from evaluation.vit_features import DINOv2Features, RadDinoFeatures
-from experiments.cli import parse_with_config_args
+from experiments.cli import command_parser, parse_with_config_args
 from experiments.run_lock import RunLock
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -145,7 +144,9 @@ def classifier_settings(args) -> ClassifierSettings | None:
 
 
 def evaluate(args, config_args: list[str]) -> dict:
-    for key, value in PRESETS.get(args.fid_preset, {}).items():
+    # Settings only a preset changes (no flag of their own), then the preset's.
+    preset = {"fid_images": None, "fid_first_per_prompt": False, **PRESETS.get(args.fid_preset, {})}
+    for key, value in preset.items():
         setattr(args, key, value)
     generated = Generated.from_folder(args.generated)
     augmentation = Generated.from_folder(args.augmentation_generated) if args.augmentation_generated else None
@@ -224,8 +225,8 @@ def tensorboard_tag(row: dict) -> str:
     return "/".join(["eval", *(str(p).replace(" ", "_") for p in parts if p)])
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser():
+    parser = command_parser(
         prog="medsd evaluate",
         description="Score generated images against real ones. Other arguments (--config FILE, "
         "--data.init_args.KEY VALUE, ...) name the real data, as for `medsd fit`.",
@@ -303,7 +304,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stats-cache", help="folder caching real-set features")
     parser.add_argument("--out", help="default: <generated>/metrics")
     parser.add_argument("--list-metrics", action="store_true", help="print the metrics and what each needs")
-    parser.set_defaults(fid_images=None, fid_first_per_prompt=False)  # set by --fid-preset
     return parser
 
 

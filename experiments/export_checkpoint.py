@@ -13,10 +13,10 @@ fit's own export stays as it is.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
+from experiments.cli import command_parser
 from lightning_modules.export import MANIFEST, write_export
 from lightning_modules.trained_weights import load_trained
 
@@ -76,7 +76,7 @@ def checkpoint_export(run: str | Path, which: str, world_size: int = 1) -> Path:
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="medsd export", description=__doc__.split("\n\n")[0])
+    parser = command_parser(prog="medsd export", description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="a `medsd fit` run folder (holds config.yaml and checkpoints/)")
     parser.add_argument("--checkpoint", default="best", help="best (default), last, or a .ckpt path")
     parser.add_argument("--out", help="default: <run>/export-<checkpoint name>")

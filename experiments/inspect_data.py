@@ -11,7 +11,6 @@ are loaded.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections import Counter
@@ -20,7 +19,7 @@ import numpy as np
 
 from datamodules.base import SPLITS, ImageTextDataModule, Record
 from datamodules.images import ImageLoadError, load_image
-from experiments.cli import parse_with_config_args
+from experiments.cli import command_parser, parse_with_config_args
 from lightning_modules.backbones import build_clip_tokenizer
 from lightning_modules.prompts import PromptTokenizer
 
@@ -104,7 +103,7 @@ def summarize(
 def main(argv: list[str]) -> None:
     from experiments.lightning_cli import build_datamodule  # imported here: it imports Lightning
 
-    parser = argparse.ArgumentParser(
+    parser = command_parser(
         prog="medsd inspect-data",
         description="Print what a run config's DataModule yields, as JSON. Other arguments "
         "(--config FILE, --data.init_args.KEY VALUE, ...) are `medsd fit`'s.",

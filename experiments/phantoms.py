@@ -8,13 +8,12 @@ the tests and the embedded demo run on it with nothing downloaded.
 
 from __future__ import annotations
 
-import argparse
-
 from datamodules.phantoms import LAYOUTS, write_phantoms
+from experiments.cli import command_parser
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="medsd phantoms", description=__doc__.splitlines()[0])
+    parser = command_parser(prog="medsd phantoms", description=__doc__.splitlines()[0])
     parser.add_argument("--layout", required=True, choices=sorted(LAYOUTS))
     parser.add_argument("--n", type=int, required=True, help="number of images")
     parser.add_argument("--out", required=True, help="new or empty folder to write")

@@ -10,7 +10,6 @@ a cache made for something else. See `datamodules/cache.py` for the folder's lay
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from tqdm import tqdm
 from datamodules.atomic import atomic_directory
 from datamodules.base import SPLITS, ImageTextCollate, ImageTextDataModule, ImageTextDataset
 from datamodules.cache import CacheWriter
-from experiments.cli import parse_with_config_args
+from experiments.cli import command_parser, parse_with_config_args
 from lightning_modules import DiffusionModule
 from lightning_modules.conditioning import as_arrays
 
@@ -76,7 +75,7 @@ def prepare_cache(
 def main(argv: list[str]) -> None:
     from experiments.lightning_cli import build_from_config  # imported here: it imports Lightning
 
-    parser = argparse.ArgumentParser(
+    parser = command_parser(
         prog="medsd prepare",
         description="Cache a run's resized images, VAE latents and frozen text embeddings. "
         "Other arguments (--config FILE, --data.init_args.KEY VALUE, ...) are `medsd fit`'s.",

@@ -69,7 +69,7 @@ from evaluation.sample_folder import (
     split_source,
     write_manifest,
 )
-from experiments.cli import parse_with_config_args
+from experiments.cli import command_parser, parse_with_config_args
 from experiments.export_checkpoint import checkpoint_export
 from experiments.run_lock import for_rank
 from lightning_modules.cost import flop_count
@@ -442,13 +442,12 @@ class SamplingMeter:
 # --- command line -------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser():
+    parser = command_parser(
         prog="medsd sample",
         description="Render prompts with a trained model into DIR/images, DIR/manifest.csv. Other "
         "arguments (--config FILE, --data.init_args.KEY VALUE, ...) are `medsd fit`'s and name "
         "the dataset whose --split gives the prompts.",
-        allow_abbrev=False,
     )
     parser.add_argument("source", help="run folder, export folder, diffusers folder or hub id")
     parser.add_argument("--out", required=True, help="output folder (resumed if it exists)")

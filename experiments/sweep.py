@@ -32,7 +32,6 @@ takes over the dead sweep's lock, marks a cell it left "running" as interrupted 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -44,6 +43,7 @@ from pathlib import Path
 
 from datamodules.atomic import write_atomically
 
+from .cli import command_parser
 from .matrix import Cell, Matrix
 from .parent_death import child_environment
 from .run_lock import FolderInUse, RunLock
@@ -264,7 +264,7 @@ def describe(folders: list[CellFolder]) -> str:
 def main(argv: list[str]) -> None:
     from .sweep_launchers import add_launcher_arguments, launch  # they run this module's cells
 
-    parser = argparse.ArgumentParser(prog="medsd sweep", description=__doc__.split("\n")[0])
+    parser = command_parser(prog="medsd sweep", description=__doc__.split("\n")[0])
     parser.add_argument("matrix", help="matrix YAML file")
     parser.add_argument("--out", help="sweep folder (default: runs/sweeps/<matrix name>)")
     parser.add_argument("--dry-run", action="store_true", help="list the cells and their state, run nothing")

@@ -8,6 +8,7 @@ import pytest
 
 from evaluation.metrics.classifier_protocols import PROTOCOLS, chosen_protocols
 from evaluation.sample_folder import Generated, split_source
+from experiments.cli import parse_with_config_args
 from experiments.evaluate import build_parser
 from experiments.matrix import Matrix
 from experiments.sweep import flags
@@ -28,7 +29,7 @@ def sample_folder(options: dict) -> Generated:
 @pytest.mark.parametrize("path", MATRICES, ids=lambda p: p.stem)
 def test_shipped_matrices_pass_the_leakage_checks(path: Path) -> None:
     matrix = Matrix.load(path)
-    args, _ = build_parser().parse_known_args(["--generated", "samples", *flags(matrix.evaluate)])
+    args, _ = parse_with_config_args(build_parser(), ["--generated", "samples", *flags(matrix.evaluate)])
     if args.classifier == "none":
         return
     skipped: dict = {}
@@ -45,7 +46,9 @@ def test_shipped_matrices_pass_the_leakage_checks(path: Path) -> None:
 
 
 def test_a_matrix_sampling_only_test_prompts_cannot_run_augmentation(tmp_path: Path) -> None:
-    args, _ = build_parser().parse_known_args(["--generated", "samples", "--protocols", "augmentation"])
+    args, _ = parse_with_config_args(
+        build_parser(), ["--generated", "samples", "--protocols", "augmentation"]
+    )
     context = SimpleNamespace(
         args=args,
         generated=sample_folder({"split": "test"}),
