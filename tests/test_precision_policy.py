@@ -15,6 +15,8 @@ from lightning_modules import (
 from lightning_modules.backbones import TINY_SDXL
 from lightning_modules.precision import place_frozen_weights
 
+pytestmark = pytest.mark.slow  # builds every family's tiny model twice
+
 STRATEGIES = {
     "sd_lora": lambda: LoRAFineTuning(rank=2),
     "sdxl_lora": lambda: SDXLLoRAFineTuning(rank=2, backbone=BackboneSpec(TINY_SDXL)),
