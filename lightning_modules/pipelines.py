@@ -152,7 +152,13 @@ def model_sampler(source: str | Path, base_model: str | None = None) -> Schedule
 
 
 def _family_of(manifest: dict):
-    return registered(manifest["family"]) if "family" in manifest else None
+    """The family an export's manifest names; for one written before manifests named it, the
+    family of the strategy class that wrote it (None for a class without one, VAETraining)."""
+    if "family" in manifest:
+        return registered(manifest["family"])
+    import lightning_modules  # here: only such old exports need the strategy classes
+
+    return getattr(getattr(lightning_modules, manifest.get("strategy", ""), None), "family", None)
 
 
 def _applies_to_base(manifest: dict) -> bool:

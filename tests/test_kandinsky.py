@@ -1,6 +1,8 @@
 """Kandinsky 2.2 decoder tuning: the loss against a hand computation, `medsd fit` with LoRA and with
 full tuning, the exports in diffusers' Kandinsky pipelines, and `medsd sample` through prior and decoder."""
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ from experiments.cli import main as medsd
 from experiments.lightning_cli import MedsdCLI
 from lightning_modules import BackboneNotFoundError, BackboneSpec, KandinskyDecoderTuning, Objective
 from lightning_modules.backbones import TINY_KANDINSKY
+from lightning_modules.export import MANIFEST
 from lightning_modules.families.kandinsky import LORA_WEIGHTS, build_tiny_kandinsky, load_kandinsky
 from lightning_modules.pipelines import base_pipeline, load_pipeline, render
 from tests.helpers.kandinsky import save_tiny_kandinsky
@@ -215,6 +218,16 @@ def test_full_fit_exports_the_decoder_unet_and_samples_with_it(runs):
     assert isinstance(pipe, KandinskyV22CombinedPipeline)
     assert same_weights(pipe.unet, cli.model.unet)
     assert same_weights(pipe.prior_prior, base.prior)
+
+
+def test_an_export_whose_manifest_names_no_family_loads_by_its_strategy(runs, tmp_path):
+    _, root = runs()
+    export = tmp_path / "export"
+    shutil.copytree(root / "export", export)
+    manifest = json.loads((export / MANIFEST).read_text())
+    del manifest["family"]  # as exports made before the family registry
+    (export / MANIFEST).write_text(json.dumps(manifest))
+    assert isinstance(load_pipeline(export), KandinskyV22CombinedPipeline)
 
 
 def test_medsd_sample_renders_through_prior_and_decoder(runs, tmp_path):
