@@ -280,7 +280,7 @@ class MIMICCXRDataModule(ImageTextDataModule):
             if study_id not in read:
                 path = folder / f"p{subject_id[:2]}" / f"p{subject_id}" / f"s{study_id}.txt"
                 report = read_text(path, self.text_encoding) if path.is_file() else None
-                read[study_id] = None if report is None else section_report(report)
+                read[study_id] = None if report is None else section_report(report, study_id)
             return read[study_id]
 
         return lookup

@@ -228,7 +228,8 @@ def test_sections_of_a_plain_report():
     )
 
 
-@pytest.mark.parametrize("header", ["CONCLUSION", "CONCLUSIONS", "IMPRESSIONS", "FINDINGS AND IMPRESSION"])
+# Not "CONCLUSIONS": the official sectioner keeps that as a section of its own (see test_report_sections).
+@pytest.mark.parametrize("header", ["CONCLUSION", "IMPRESSIONS", "FINDINGS AND IMPRESSION", "IMPRESSON"])
 def test_conclusion_and_similar_headers_are_the_impression(header):
     sections = section_report(f" FINAL REPORT\n COMPARISON:  None.\n \n {header}: \n \n No acute process.\n")
     assert sections == Sections(impression="No acute process.", comparison="None.")
@@ -273,7 +274,7 @@ def test_read_sectioned_csv_keys_by_study_id_and_normalises_whitespace(tmp_path)
     )
     assert sections["50000003"] == Sections(last_paragraph="Lungs are clear. No effusion.")
     for (_, study), text in REPORTS.items():
-        assert sections[study] == section_report(text)
+        assert sections[study] == section_report(text, study)
 
 
 def test_read_sectioned_csv_names_a_missing_column(tmp_path):
@@ -368,6 +369,39 @@ def test_sectioned_csv_gives_the_same_prompts_as_raw_reports(root):
         from_csv = MIMICCXRDataModule(str(root), prompt_source=source)
         from_reports = MIMICCXRDataModule(str(root), prompt_source=source, reports=str(root / "reports"))
         assert by_split(from_csv) == by_split(from_reports)
+
+
+def test_misspelt_headers_of_the_official_table_keep_the_study(root):
+    # IMPRESSON and FINDINDGS are in the official sectioner's table: the study keeps both sections.
+    text = (
+        REPORTS["10000032", "50000001"]
+        .replace("IMPRESSION:", "IMPRESSON:")
+        .replace("FINDINGS:", "FINDINDGS:")
+    )
+    write_reports(root / "reports", {("10000032", "50000001"): text})
+    assert by_split(MIMICCXRDataModule(str(root))) == IMPRESSIONS
+    findings = MIMICCXRDataModule(str(root), prompt_source="findings").records("train")[0]
+    assert findings.prompt == "Small left pleural effusion. No pneumothorax."
+
+
+def test_a_study_the_official_script_sections_by_hand_gets_its_hand_picked_impression(tmp_path):
+    # s50913680's conclusion is its RECOMMENDATION(S) section (the official custom rules); the same
+    # report under another study id has no impression.
+    images = [(D1, "11851243", "50913680", "PA", "train"), (D2, "11851243", "50000007", "PA", "train")]
+    report = (
+        " FINAL REPORT\n FINDINGS:  Lungs are clear.\n \n RECOMMENDATION(S):  Chest CT in three months.\n"
+    )
+    root = tmp_path / "mimic-cxr-jpg"
+    write_images(root, images)
+    write_metadata(root, images)
+    write_split(root, images)
+    write_labels(
+        root, "chexpert", {(subject, study): {"No Finding": "1.0"} for _, subject, study, _, _ in images}
+    )
+    write_reports(root / "reports", {(subject, study): report for _, subject, study, _, _ in images})
+    dm = MIMICCXRDataModule(str(root))
+    assert by_split(dm)["train"] == [(D1, "Chest CT in three months.")]
+    assert dm.dropped["train"] == {"no impression section": 1}
 
 
 def test_reports_next_to_the_images_or_anywhere_given(root, tmp_path):
