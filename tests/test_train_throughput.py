@@ -9,7 +9,7 @@ from experiments.benchmarks.train_throughput import main
 
 def test_both_paths_train_the_same_parameters_and_report_their_throughput(tmp_path, capsys):
     out = tmp_path / "figures.json"
-    argv = ["--strategies", "lora", "--resolution", "32", "--batch-size", "2", "--warmup-steps", "2"]
+    argv = ["--strategies", "lora", "--resolution", "16", "--batch-size", "2", "--warmup-steps", "2"]
     main([*argv, "--steps", "3", "--sample-steps", "2", "--out", str(out)])
 
     figures = json.loads(out.read_text())

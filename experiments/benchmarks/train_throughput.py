@@ -27,9 +27,12 @@ Measurement: `--warmup-steps` steps first, untimed (allocator, kernel selection,
 initialisation); then `--steps` timed steps. A medsd step is timed from one training batch's
 start to the next one's (the run trains one extra step for that), so every callback and logger
 of a step is inside it; a plain step from its start to its end. On a GPU the clock waits for the
-device (`torch.cuda.synchronize`) at every step, in both paths, so no step's kernels overlap the
-next one's launches. The mean and the median step are printed: on a busy machine the median is the
-steadier figure. Peak memory: on a GPU `torch.cuda.max_memory_allocated`, reset
+device (`torch.cuda.synchronize`) only where the timed steps start and end: between them the
+host runs ahead of the device as in a run, so what stalls it (the NaN guard reads its
+finiteness check back to the host every step, the progress bar the loss) costs what it costs in a
+real run. The mean step and the median step are printed: on a busy machine the median is the
+steadier figure; on a GPU it is the host's step time, which matches the device's once the
+launch queue is full. Peak memory: on a GPU `torch.cuda.max_memory_allocated`, reset
 before each training; on a CPU the process's peak RSS so far (it only grows: a later row includes
 the earlier ones). FLOPs: `lightning_modules.cost.training_flops` on one example (the count
 `medsd fit` records), times the images per second; MFU on a GPU against `--peak-tflops`
@@ -154,8 +157,9 @@ class StepClock(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.learning_rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+        if batch_idx in (self.warmup_steps, self.warmup_steps + self.steps):
+            synchronize(pl_module.device)  # only here: see the module's docstring
         if self.warmup_steps <= batch_idx <= self.warmup_steps + self.steps:
-            synchronize(pl_module.device)
             self.marks.append(time.perf_counter())
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -223,8 +227,9 @@ def plain_run(strategy: str, args: argparse.Namespace, device: torch.device) -> 
         torch.cuda.reset_peak_memory_stats(device)
     marks = []  # at the start of each timed step and at the end
     for step in range(total):
-        if step >= args.warmup_steps:
+        if step == args.warmup_steps:
             synchronize(device)
+        if step >= args.warmup_steps:
             marks.append(time.perf_counter())
         learning_rates.append(optimizer.param_groups[0]["lr"])
         on_device = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
