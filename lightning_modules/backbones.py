@@ -62,6 +62,13 @@ class BackboneSpec:
         memory a large model takes while loading (FLUX.1-dev: about 34 instead of 67 GB per
         rank); the weights a strategy trains are made fp32 again, and the run needs the matching
         mixed precision (bf16-mixed / 16-mixed).
+    random_init: build every part from the architecture config shipped for `name_or_path`
+        (`lightning_modules/architectures`) with random weights (deterministic), no download:
+        the real architecture, for trying a config's size, memory and speed without its weights.
+        A name without a shipped architecture is an error that lists the shipped ones.
+    architecture_overrides: with random_init, part -> settings replacing the published ones,
+        e.g. `{"transformer": {"num_layers": 1, "num_single_layers": 1}}` (fewer blocks where the
+        full model does not fit in memory; keep widths, heads and sequence lengths).
     """
 
     name_or_path: str = TINY_SD
@@ -69,10 +76,33 @@ class BackboneSpec:
     variant: str | None = None
     prediction_type: str | None = None
     dtype: Literal["bfloat16", "float16"] | None = None
+    random_init: bool = False
+    architecture_overrides: dict[str, dict] | None = None
+
+    def architecture(self):
+        """The shipped architecture of `name_or_path` (with the overrides)."""
+        from .architectures import architecture
+
+        return architecture(self.name_or_path, self.architecture_overrides)
 
     @property
     def torch_dtype(self) -> torch.dtype | None:
         return getattr(torch, self.dtype) if self.dtype else None
+
+
+def random_base(manifest: dict) -> dict:
+    """The random_init settings an export's manifest records for its base model ({} if none), so
+    that a delta export of a random-init run applies to the same random base (built again)."""
+    if not manifest.get("base_random_init"):
+        return {}
+    return {"random_init": True, "architecture_overrides": manifest.get("base_architecture_overrides")}
+
+
+def random_base_fields(spec: BackboneSpec) -> dict:
+    """The manifest fields `random_base` reads back ({} for pretrained weights)."""
+    if not spec.random_init:
+        return {}
+    return {"base_random_init": True, "base_architecture_overrides": spec.architecture_overrides}
 
 
 def offline() -> bool:
@@ -168,11 +198,18 @@ def build_tiny_vae(latent_channels: int = 4, **config) -> AutoencoderKL:
 
 
 def load_text_encoder(
-    name_or_path: str, revision: str | None = None
+    name_or_path: str, revision: str | None = None, random_init: bool = False
 ) -> tuple[PreTrainedTokenizerBase, nn.Module]:
-    """Any transformers encoder (e.g. a biomedical BERT) with its tokenizer, or `medsd/tiny-bert`."""
+    """Any transformers encoder (e.g. a biomedical BERT) with its tokenizer, or `medsd/tiny-bert`.
+    With `random_init`, its shipped architecture with random weights and, as the vocabulary
+    files are not shipped, the tiny BERT's character tokenizer as a stand-in (its ids are a
+    subset of any BERT vocabulary's range)."""
     if name_or_path == TINY_BERT:
         return build_tiny_bert()
+    if random_init:
+        from .architectures import architecture
+
+        return build_character_tokenizer(), architecture(name_or_path).build("text_encoder", None)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
         model = AutoModel.from_pretrained(name_or_path, revision=revision)
@@ -182,15 +219,21 @@ def load_text_encoder(
 
 
 def load_clip_text_encoder(
-    name_or_path: str, revision: str | None = None
+    name_or_path: str, revision: str | None = None, random_init: bool = False
 ) -> tuple[CLIPTokenizer, CLIPTextModel]:
     """A CLIP text encoder and its tokenizer from a transformers CLIP folder or hub id (e.g.
-    `openai/clip-vit-large-patch14`), or `medsd/tiny-clip`."""
+    `openai/clip-vit-large-patch14`), or `medsd/tiny-clip`; with `random_init`, its shipped
+    architecture with random weights and CLIP's real tokenizer."""
     if name_or_path == TINY_CLIP:
         from .families.stable_diffusion import build_tiny_backbone  # (that module imports this one)
 
         tiny = build_tiny_backbone()
         return tiny.tokenizer, tiny.text_encoder
+    if random_init:
+        from .architectures import architecture
+
+        shipped = architecture(name_or_path)
+        return shipped.clip_tokenizer(), shipped.build("text_encoder", CLIPTextModel)
     try:
         tokenizer = CLIPTokenizer.from_pretrained(name_or_path, revision=revision)
         model = CLIPTextModel.from_pretrained(name_or_path, revision=revision)
@@ -199,18 +242,23 @@ def load_clip_text_encoder(
     return tokenizer, model
 
 
-def build_tiny_bert(seed: int = 0) -> tuple[PreTrainedTokenizerBase, nn.Module]:
-    """A 2-layer BERT whose WordPiece vocabulary is characters, so any English text tokenises."""
+def build_character_tokenizer() -> BertTokenizer:
+    """A BERT WordPiece tokenizer whose vocabulary is characters, so any English text tokenises."""
     import string
 
     pieces = list(string.ascii_lowercase + string.digits + string.punctuation)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *pieces, *("##" + p for p in pieces)]
-    tokenizer = BertTokenizer(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
+    return BertTokenizer(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
+
+
+def build_tiny_bert(seed: int = 0) -> tuple[PreTrainedTokenizerBase, nn.Module]:
+    """A 2-layer BERT over `build_character_tokenizer`'s vocabulary."""
+    tokenizer = build_character_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = BertModel(
             BertConfig(
-                vocab_size=len(vocab),
+                vocab_size=len(tokenizer),
                 hidden_size=24,
                 num_hidden_layers=2,
                 num_attention_heads=4,

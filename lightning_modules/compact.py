@@ -175,6 +175,8 @@ class CompactDiffusion(DiffusionModule):
         text_model: `medsd/tiny-clip`, a transformers CLIP folder or hub id (MSDM:
             `openai/clip-vit-large-patch14`), or any other transformers encoder (`medsd/tiny-bert`,
             a biomedical BERT); its hidden size sets the U-Net's cross-attention width.
+        text_model_random_init: build the text encoder from its shipped architecture config with
+            random weights, no download (see BackboneSpec.random_init).
         max_length: tokens per prompt (MSDM: 64); at most the encoder's position limit.
         image_size: training resolution; the U-Net's sample size is this over the VAE's factor.
         block_out_channels: U-Net widths per level (MSDM: [256, 256, 512, 1024]); every level but
@@ -189,12 +191,14 @@ class CompactDiffusion(DiffusionModule):
 
     family = registered("compact")
     part_options = ("text_model", "text_model_revision", "max_length", "unet_settings")
+    part_options += ("text_model_random_init",)
 
     def __init__(
         self,
         vae: str,
         text_model: str = TINY_CLIP,
         text_model_revision: str | None = None,
+        text_model_random_init: bool = False,
         max_length: int = 64,
         image_size: int = 32,
         block_out_channels: tuple[int, ...] = (32, 64),
@@ -219,6 +223,7 @@ class CompactDiffusion(DiffusionModule):
                 "diffusers AutoencoderKL folder"
             )
         self.text_model, self.text_model_revision = text_model, text_model_revision
+        self.text_model_random_init = text_model_random_init
         self.max_length = max_length
         self.unet_settings = dict(
             image_size=image_size,

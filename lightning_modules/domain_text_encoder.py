@@ -29,6 +29,9 @@ class DomainTextEncoderFineTuning(DiffusionModule):
         train_unet: fine-tune the U-Net too (False: only the projection learns, as in Chambon's
             textual projection).
         max_length: tokens per prompt (prompts are padded to it, as CLIP's are to 77).
+        text_model_random_init: build the encoder from its shipped architecture config with random
+            weights (and a stand-in character tokenizer), no download; None: as the backbone's
+            `random_init`, so that one flag builds the whole model.
     """
 
     def __init__(
@@ -39,10 +42,15 @@ class DomainTextEncoderFineTuning(DiffusionModule):
         train_unet: bool = True,
         text_encoder_lr: float | None = None,
         max_length: int = 128,
+        text_model_random_init: bool | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)  # backbone, objective, optimizer, ...: see DiffusionModule
-        self.tokenizer, self.text_encoder = load_text_encoder(text_model, text_model_revision)
+        if text_model_random_init is None:
+            text_model_random_init = self.backbone_spec.random_init
+        self.tokenizer, self.text_encoder = load_text_encoder(
+            text_model, text_model_revision, text_model_random_init
+        )
         self.max_length = max_length
         self.text_encoder_lr = text_encoder_lr
         self.projection = nn.Linear(

@@ -14,6 +14,7 @@ from torch import nn
 
 from datamodules.atomic import atomic_directory
 
+from .backbones import random_base_fields
 from .guards import refuse_non_finite_weights
 from .sharding import is_sharded
 from .trained_weights import ema_weights, load_trained
@@ -67,6 +68,7 @@ def write_export(module: DiffusionModule, folder: Path, global_step: int) -> Non
             base_revision=spec.revision,
             global_step=global_step,
             ema=module.ema is not None,
+            **random_base_fields(spec),
         )
 
 

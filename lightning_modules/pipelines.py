@@ -22,7 +22,7 @@ from PIL import Image
 
 from datamodules.atomic import recover_interrupted
 
-from .backbones import _not_found, build_sampler, local_name
+from .backbones import BackboneSpec, _not_found, build_sampler, local_name, random_base
 from .domain_text_pipeline import DOMAIN_TEXT_LOADER, DomainTextPipeline, load_domain_text_pipeline
 from .export import EMBEDDINGS_FILE, MANIFEST, read_export_manifest
 from .families import pipeline_family, registered, tiny_model_family
@@ -144,6 +144,8 @@ def model_sampler(source: str | Path, base_model: str | None = None) -> Schedule
     tiny = tiny_model_family(name)
     if tiny is not None:
         return tiny.tiny_pipeline(name).scheduler
+    if manifest is not None and not base_model and random_base(manifest):
+        return build_sampler(BackboneSpec(name, random_init=True).architecture().sampler_config())
     try:  # any scheduler class reads the file; its `_class_name` names the model's
         config = DDPMScheduler.load_config(local_name(name), subfolder="scheduler", revision=revision)
     except (OSError, ValueError) as error:
@@ -183,7 +185,12 @@ def _from_export(folder: Path, manifest: dict, base_model: str | None, dtype: to
         raise ValueError(f"{folder}: don't know how to sample from a {manifest.get('strategy')} export")
     # The manifest's revision belongs to the manifest's base model, not to an override.
     revision = None if base_model else manifest.get("base_revision")
-    pipe = base_pipeline(base_model or manifest["base_model"], revision, dtype)
+    random = {} if base_model else random_base(manifest)
+    if random:  # a random-init run's base: its shipped architecture, the same random weights
+        spec = BackboneSpec(manifest["base_model"], **random)
+        pipe = family.pipeline(family.load(spec))
+    else:
+        pipe = base_pipeline(base_model or manifest["base_model"], revision, dtype)
     if kind == TEXTUAL_INVERSION:
         pipe.load_textual_inversion(str(folder / EMBEDDINGS_FILE))
     return pipe  # a LoRA export's weights are loaded by load_pipeline

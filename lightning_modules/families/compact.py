@@ -15,6 +15,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditi
 from torch import nn
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
+from ..architectures import architecture
 from ..backbones import (
     TINY_BERT,
     TINY_CLIP,
@@ -38,11 +39,13 @@ class CompactParts:
     uses_clip: bool  # a CLIP encoder: the model is a plain Stable Diffusion pipeline
 
 
-def is_clip(name_or_path: str, revision: str | None = None) -> bool:
+def is_clip(name_or_path: str, revision: str | None = None, random_init: bool = False) -> bool:
     """Whether a text model is a CLIP one (its tokenizer pads with end-of-text, and its export is a
     plain Stable Diffusion pipeline) rather than a BERT-like encoder."""
     if name_or_path in (TINY_CLIP, TINY_BERT):
         return name_or_path == TINY_CLIP
+    if random_init:
+        return architecture(name_or_path).config("text_encoder")["model_type"].startswith("clip")
     try:
         model_type = AutoConfig.from_pretrained(name_or_path, revision=revision).model_type
     except (OSError, ValueError) as error:
@@ -56,17 +59,18 @@ def load_compact(
     text_model_revision: str | None,
     max_length: int,
     unet_settings: dict,
+    text_model_random_init: bool = False,
 ) -> CompactParts:
-    """The VAE folder `spec` names, the text encoder, and a new U-Net over both (random weights
-    from the caller's RNG state); the noise schedule is Stable Diffusion's and the sampler DDIM,
-    as in MSDM."""
+    """The VAE folder `spec` names, the text encoder (`text_model_random_init`: its shipped
+    architecture with random weights), and a new U-Net over both (random weights from the
+    caller's RNG state); the noise schedule is Stable Diffusion's and the sampler DDIM, as in MSDM."""
     try:
         vae = AutoencoderKL.from_pretrained(Path(spec.name_or_path))
     except (OSError, ValueError) as error:
         raise ValueError(f"{spec.name_or_path} is not a diffusers AutoencoderKL folder: {error}") from error
-    uses_clip = is_clip(text_model, text_model_revision)
+    uses_clip = is_clip(text_model, text_model_revision, text_model_random_init)
     load = load_clip_text_encoder if uses_clip else load_text_encoder
-    tokenizer, text_encoder = load(text_model, text_model_revision)
+    tokenizer, text_encoder = load(text_model, text_model_revision, text_model_random_init)
     limit = text_encoder.config.max_position_embeddings
     if max_length > limit:
         raise ValueError(f"max_length {max_length} exceeds {text_model}'s {limit} positions")

@@ -65,6 +65,8 @@ def load_flux(spec: BackboneSpec) -> FluxParts:
         raise ValueError("FLUX predicts a velocity by construction: leave backbone.prediction_type unset")
     if spec.name_or_path == TINY_FLUX:
         return build_tiny_flux()
+    if spec.random_init:
+        return build_random_flux(spec)
     where = dict(revision=spec.revision)
     weights = dict(where, variant=spec.variant, torch_dtype=spec.torch_dtype)
     path = spec.name_or_path
@@ -95,6 +97,24 @@ def build_t5_tokenizer() -> T5TokenizerFast:
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     pieces += [(c, -3.0) for c in characters] + [(f"▁{c}", -3.0) for c in characters]
     return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+def build_random_flux(spec: BackboneSpec) -> FluxParts:
+    """The shipped FLUX.1 architecture of `spec`'s model with random weights. T5's SentencePiece
+    vocabulary is not shipped: `build_t5_tokenizer`'s character tokenizer stands in for it (its
+    ids lie in T5's range), with the published 512-token limit."""
+    shipped, dtype = spec.architecture(), spec.torch_dtype
+    tokenizer_2 = build_t5_tokenizer()
+    tokenizer_2.model_max_length = shipped.tokenizer_settings("tokenizer_2")["model_max_length"]
+    return FluxParts(
+        tokenizer=shipped.clip_tokenizer(),
+        text_encoder=shipped.build("text_encoder", CLIPTextModel, dtype),
+        tokenizer_2=tokenizer_2,
+        text_encoder_2=shipped.build("text_encoder_2", T5EncoderModel, dtype),
+        vae=shipped.build("vae", AutoencoderKL, dtype),
+        transformer=shipped.build("transformer", FluxTransformer2DModel, dtype),
+        sampler_config=shipped.sampler_config(),
+    )
 
 
 def build_tiny_flux(seed: int = 0) -> FluxParts:

@@ -33,6 +33,7 @@ from ..backbones import (
     _not_found,
     build_clip_tokenizer,
     build_sampler,
+    random_base,
     tiny_clip_text_config,
 )
 from ..latents import VQ_LATENTS
@@ -76,14 +77,19 @@ def load_kandinsky(
     revision: str | None = None,
     variant: str | None = None,
     dtype: torch.dtype | None = None,
+    random_init: bool = False,
+    architecture_overrides: dict | None = None,
 ) -> KandinskyParts:
     """Every part of Kandinsky 2.2. `prior` None means the one that goes with `decoder`: the tiny
-    model's own, else kandinsky-2-2-prior. `revision` applies to the decoder."""
+    model's own, else kandinsky-2-2-prior. `revision` applies to the decoder. `random_init`: the
+    shipped architectures of both with random weights (see BackboneSpec)."""
     if decoder == TINY_KANDINSKY:
         if prior not in (None, TINY_KANDINSKY):
             raise ValueError(f"{TINY_KANDINSKY} has its own prior; got prior {prior!r}")
         return build_tiny_kandinsky()
     prior = prior or KANDINSKY_PRIOR
+    if random_init:
+        return build_random_kandinsky(decoder, prior, dtype, architecture_overrides)
     weights = dict(variant=variant, torch_dtype=dtype)
     try:
         prior_parts = dict(
@@ -107,6 +113,27 @@ def load_kandinsky(
     except (OSError, ValueError) as error:
         raise _not_found("the Kandinsky 2.2 decoder", decoder, error) from error
     return KandinskyParts(**prior_parts, unet=unet, movq=movq, sampler_config=sampler_config)
+
+
+def build_random_kandinsky(
+    decoder: str, prior: str, dtype: torch.dtype | None = None, overrides: dict | None = None
+) -> KandinskyParts:
+    """The shipped architectures of a Kandinsky 2.2 decoder and prior with random weights."""
+    from ..architectures import architecture
+
+    decoder_parts, prior_parts = architecture(decoder, overrides), architecture(prior, overrides)
+    processor = prior_parts.config("image_processor", "preprocessor_config.json")
+    return KandinskyParts(
+        tokenizer=prior_parts.clip_tokenizer(),
+        text_encoder=prior_parts.build("text_encoder", CLIPTextModelWithProjection, dtype),
+        prior=prior_parts.build("prior", PriorTransformer, dtype),
+        prior_scheduler=UnCLIPScheduler.from_config(prior_parts.sampler_config()),
+        image_encoder=prior_parts.build("image_encoder", CLIPVisionModelWithProjection, dtype),
+        image_processor=CLIPImageProcessor(**processor),
+        unet=decoder_parts.build("unet", UNet2DConditionModel, dtype),
+        movq=decoder_parts.build("movq", VQModel, dtype),
+        sampler_config=decoder_parts.sampler_config(),
+    )
 
 
 def build_tiny_kandinsky(seed: int = 0) -> KandinskyParts:
@@ -208,8 +235,9 @@ def pipeline_from_export(
     """The combined pipeline of a KandinskyDecoderTuning export: the manifest's base model (or
     `base_model` in its place) with the exported decoder U-Net or its LoRA adapters."""
     revision = None if base_model else manifest.get("base_revision")
+    random = {} if base_model else random_base(manifest)
     parts = load_kandinsky(
-        base_model or manifest["base_model"], manifest.get("prior_model"), revision, dtype=dtype
+        base_model or manifest["base_model"], manifest.get("prior_model"), revision, dtype=dtype, **random
     )
     if manifest["tuning"] == "full":
         parts.unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype)
@@ -222,7 +250,10 @@ def load_decoder_backbone(spec: BackboneSpec, prior_model: str | None = None) ->
     """The parts a decoder fine-tune holds: `spec` names the decoder, `prior_model` the prior (None:
     the one that goes with it); the decoder's training noise schedule follows the spec's
     prediction type if it sets one."""
-    parts = load_kandinsky(spec.name_or_path, prior_model, spec.revision, spec.variant, spec.torch_dtype)
+    random = dict(random_init=spec.random_init, architecture_overrides=spec.architecture_overrides)
+    parts = load_kandinsky(
+        spec.name_or_path, prior_model, spec.revision, spec.variant, spec.torch_dtype, **random
+    )
     if spec.prediction_type is not None:
         parts.sampler_config["prediction_type"] = spec.prediction_type
     parts.noise_scheduler = DDPMScheduler.from_config(parts.sampler_config)

@@ -39,7 +39,10 @@ class SDXLParts:
 def load_sdxl(spec: BackboneSpec) -> SDXLParts:
     """An SDXL model from a hub id (`stabilityai/stable-diffusion-xl-base-1.0`), a local diffusers
     folder, or `medsd/tiny-sdxl` (built from config, no download)."""
-    parts = build_tiny_sdxl() if spec.name_or_path == TINY_SDXL else _load_pretrained(spec)
+    if spec.name_or_path == TINY_SDXL:
+        parts = build_tiny_sdxl()
+    else:
+        parts = build_random_sdxl(spec) if spec.random_init else _load_pretrained(spec)
     if spec.prediction_type is not None:
         parts.noise_scheduler.register_to_config(prediction_type=spec.prediction_type)
         parts.sampler_config["prediction_type"] = spec.prediction_type
@@ -66,6 +69,22 @@ def _load_pretrained(spec: BackboneSpec) -> SDXLParts:
         raise _not_found("the Stable Diffusion XL model", path, error) from error
     parts.noise_scheduler = DDPMScheduler.from_config(parts.sampler_config)
     return parts
+
+
+def build_random_sdxl(spec: BackboneSpec) -> SDXLParts:
+    """The shipped SDXL architecture of `spec`'s model with random weights."""
+    shipped, dtype = spec.architecture(), spec.torch_dtype
+    sampler_config = shipped.sampler_config()
+    return SDXLParts(
+        tokenizer=shipped.clip_tokenizer(),
+        tokenizer_2=shipped.clip_tokenizer("tokenizer_2"),
+        text_encoder=shipped.build("text_encoder", CLIPTextModel, dtype),
+        text_encoder_2=shipped.build("text_encoder_2", CLIPTextModelWithProjection, dtype),
+        vae=shipped.build("vae", AutoencoderKL, dtype),
+        unet=shipped.build("unet", UNet2DConditionModel, dtype),
+        noise_scheduler=DDPMScheduler.from_config(sampler_config),
+        sampler_config=sampler_config,
+    )
 
 
 def build_tiny_sdxl(seed: int = 0) -> SDXLParts:

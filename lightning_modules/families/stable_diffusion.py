@@ -52,6 +52,8 @@ def load_backbone(spec: BackboneSpec, dtype: torch.dtype | None = None) -> Backb
     """Load every part of a Stable Diffusion-family model (weights in `dtype`, default fp32)."""
     if spec.name_or_path in (TINY_SD, TINY_SD2):
         backbone = build_tiny_backbone(sd2=spec.name_or_path == TINY_SD2)
+    elif spec.random_init:
+        backbone = build_random_backbone(spec, dtype or spec.torch_dtype)
     else:
         backbone = _load_pretrained(spec, dtype or spec.torch_dtype)
     if spec.prediction_type is not None:
@@ -74,6 +76,20 @@ def _load_pretrained(spec: BackboneSpec, dtype: torch.dtype | None) -> Backbone:
         raise _not_found("the Stable Diffusion model", path, error) from error
     noise_scheduler = DDPMScheduler.from_config(sampler_config)
     return Backbone(tokenizer, text_encoder, vae, unet, noise_scheduler, sampler_config)
+
+
+def build_random_backbone(spec: BackboneSpec, dtype: torch.dtype | None = None) -> Backbone:
+    """The shipped architecture of `spec`'s model (SD 1.x / 2.x) with random weights."""
+    shipped = spec.architecture()
+    sampler_config = shipped.sampler_config()
+    return Backbone(
+        tokenizer=shipped.clip_tokenizer(),
+        text_encoder=shipped.build("text_encoder", CLIPTextModel, dtype),
+        vae=shipped.build("vae", AutoencoderKL, dtype),
+        unet=shipped.build("unet", UNet2DConditionModel, dtype),
+        noise_scheduler=DDPMScheduler.from_config(sampler_config),
+        sampler_config=sampler_config,
+    )
 
 
 def build_tiny_backbone(seed: int = 0, sd2: bool = False) -> Backbone:
