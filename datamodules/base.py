@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -10,9 +11,10 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning as L
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, RandomSampler
@@ -20,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from .atomic import write_atomically
 from .images import ImageLoadError, ImageTransform, load_image, to_rgb
 from .integrity import check_no_image_in_two_splits
+from .record_index import Built, RecordIndex, code_digest, default_index_dir, digest, token_lengths
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,14 @@ SKIP_REASONS: dict[type[Exception], str] = {
 }
 # The run folder's record of the skipped images (rank 0's; other ranks add `.rank<N>`).
 SKIPPED_IMAGES = "skipped_images.json"
+# The settings of ImageTextDataModule that shape batches, not records: left out of the record index's key.
+BATCH_SETTINGS = frozenset(
+    {
+        "image_size", "batch_size", "num_workers", "center_crop", "pad_to_square", "random_flip",
+        "long_prompts", "cache_dir", "tokenizer", "bad_images", "max_bad_image_share", "record_index",
+        "record_index_dir",
+    }
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -240,7 +251,17 @@ class ImageTextDataModule(L.LightningDataModule, ABC):
             of its images (each DDP rank: of the images it reads). The default, 1%, is issue 14's:
             a dataset with more bad images than that wants repairing, not training around. So 1
             bad image in 50 (2%) stops under the default; 0.05 lets it train (5 in 50 still stop).
+        record_index: store the records built on the first start in the record index
+            (datamodules/record_index.py) and read them from there on later starts, in every rank;
+            rebuilt when a file they were built from or a setting changes. DataModules whose
+            records are made in memory have none.
+        record_index_dir: the index's folder (default: $MEDSD_CACHE_DIR/record-index, else
+            ~/.cache/medsd/record-index).
     """
+
+    # Whether the records come from files the record index can watch (set by the subclasses that read a
+    # dataset's files; a build that noted no source file is not stored).
+    indexed: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -255,8 +276,11 @@ class ImageTextDataModule(L.LightningDataModule, ABC):
         tokenizer: Any = None,
         bad_images: Literal["error", "skip"] = "error",
         max_bad_image_share: float = 0.01,
+        record_index: bool = True,
+        record_index_dir: str | None = None,
     ):
         super().__init__()
+        self._record_settings = _init_arguments(self, skip=BATCH_SETTINGS)
         if long_prompts not in ("truncate", "drop", "error"):
             raise ValueError(f"long_prompts must be 'truncate', 'drop' or 'error', got {long_prompts!r}")
         if bad_images not in ("error", "skip"):
@@ -284,18 +308,81 @@ class ImageTextDataModule(L.LightningDataModule, ABC):
         # many epochs, workers or records (an image can have several prompts) meet it.
         self.skipped: dict[str, dict[str, SkippedImage]] = {split: {} for split in SPLITS}
         self._image_counts: dict[str, int] = {}
+        self.record_index = record_index
+        self.record_index_dir = record_index_dir
+        # What the records were built from: file -> compared by content (a table) or by stat.
+        self._sources: dict[str, bool] = {}
+        self._drop_examples: dict[tuple[str, str], str] = {}
+        self._index_build: Path | None = None
+        # tokenizer fingerprint -> split -> each record's prompt length in tokens.
+        self._lengths: dict[str, dict[str, list[int]]] = {}
 
     @abstractmethod
     def load_records(self, split: str) -> list[Record]:
         """The records of `split` ("train", "val" or "test"); an empty list when it has none."""
 
+    def prepare_data(self) -> None:
+        # Lightning calls this on each node's rank 0 before any rank's setup: the record index is
+        # built (or found current) here, once, and the other ranks read it in their setup.
+        self.setup()
+
     def setup(self, stage: str | None = None) -> None:
         # Lightning calls setup once per stage (fit, validate, test); the records load once.
         if self._records is None:
-            self._records = {split: self.load_records(split) for split in SPLITS}
-            check_no_image_in_two_splits(self._records)  # no score on a training image
-            counts = ", ".join(f"{len(records)} {split}" for split, records in self._records.items())
+            self._records = self._indexed_records() if self.indexed and self.record_index else self._build()
+            counts = ", ".join(f"{len(self._records.get(split, []))} {split}" for split in SPLITS)
             log.info("%s: %s records", type(self).__name__, counts)
+
+    def _build(self) -> dict[str, list[Record]]:
+        records = {split: self.load_records(split) for split in SPLITS}
+        check_no_image_in_two_splits(records)  # no score on a training image
+        return records
+
+    def _indexed_records(self) -> dict[str, list[Record]]:
+        key = digest(
+            json.dumps(
+                {
+                    "class": f"{type(self).__module__}.{type(self).__qualname__}",
+                    "settings": self._record_settings,
+                    "cwd": os.getcwd(),
+                    "code": code_digest(type(self)),
+                },
+                sort_keys=True,
+                default=str,
+            )
+        )[:16]
+        index = RecordIndex(self.record_index_dir or default_index_dir(), type(self).__name__, key)
+        built, mine = index.read_or_build(Record, lambda: self._build_index(index))
+        if not mine:  # counted and logged as when they were built
+            for drop in built.drops:
+                self.note_dropped(**drop)
+        self._index_build = built.folder
+        return {split: built.records.get(split, []) for split in SPLITS}
+
+    def _build_index(self, index: RecordIndex) -> Built:
+        records = self._build()
+        drops = [
+            {
+                "split": split,
+                "reason": reason,
+                "count": count,
+                "example": self._drop_examples.get((split, reason), ""),
+            }
+            for split, reasons in self.dropped.items()
+            for reason, count in reasons.items()
+        ]
+        if not self._sources or any(not isinstance(r.image, str) for rs in records.values() for r in rs):
+            log.info(
+                "%s: records not read from files only; not stored in the record index", type(self).__name__
+            )
+            return Built(records, drops, None)
+        return Built(records, drops, index.write(records, drops, self._sources, self._record_settings))
+
+    def note_source(self, path: str | os.PathLike, table: bool = False) -> None:
+        """Record that the records are built from `path` (a file read, or one looked for and absent;
+        a folder whose listing was read): the record index is rebuilt when it changes. `table`: a
+        table file, compared by content; per-record files (reports) are compared by size and time."""
+        self._sources[os.fspath(path)] = table
 
     def note_dropped(self, split: str, reason: str, count: int, example: str = "") -> None:
         """Record (and log) that `count` records of `split` were left out, and why.
@@ -305,6 +392,7 @@ class ImageTextDataModule(L.LightningDataModule, ABC):
         if count <= 0:
             return
         self.dropped[split][reason] += count
+        self._drop_examples.setdefault((split, reason), example)
         log.warning(
             "%s: dropped %d %s record(s): %s%s",
             type(self).__name__,
@@ -432,9 +520,31 @@ class ImageTextDataModule(L.LightningDataModule, ABC):
             self._usable[split] = self._apply_prompt_policy(split, self.records(split))
         return self._usable[split]
 
+    def prompt_lengths(self, split: str) -> list[int]:
+        """Each record's prompt length in the attached tokenizer's tokens (its template applied),
+        counted once: for every split at once, and with a record index, stored there per tokenizer
+        (its `fingerprint`), so later starts and the other ranks read it."""
+        key = getattr(self.tokenizer, "fingerprint", None)
+        if key is None:
+            return self.tokenizer.lengths([r.prompt for r in self.records(split)])
+        if key not in self._lengths:
+            records = [self.records(s) for s in SPLITS]
+            prompts = [r.prompt for rs in records for r in rs]
+            if self._index_build is not None:
+                flat = token_lengths(
+                    self._index_build, self.tokenizer, prompts, self.tokenizer.lengths
+                ).tolist()
+            else:
+                flat = self.tokenizer.lengths(prompts)
+            ends = np.cumsum([len(rs) for rs in records]).tolist()
+            self._lengths[key] = {
+                s: flat[end - len(rs) : end] for s, rs, end in zip(SPLITS, records, ends, strict=True)
+            }
+        return self._lengths[key][split]
+
     def _apply_prompt_policy(self, split: str, records: list[Record]) -> list[Record]:
         limit = self.tokenizer.max_length
-        lengths = self.tokenizer.lengths([r.prompt for r in records])
+        lengths = self.prompt_lengths(split)
         too_long = [i for i, n in enumerate(lengths) if n > limit]
         if not too_long:
             return records
@@ -521,3 +631,17 @@ class ImageTextDataModule(L.LightningDataModule, ABC):
             pin_memory=torch.cuda.is_available(),
             collate_fn=ImageTextCollate(self.tokenizer),
         )
+
+
+def _init_arguments(obj: object, skip: frozenset[str]) -> dict[str, Any]:
+    """The arguments the `__init__`s of `obj`'s classes were called with (each by the innermost
+    `__init__` that names it: the value a subclass passes on), but those in `skip`. Read from the
+    calling frames, so a subclass need not list its settings for the record index's key."""
+    settings: dict[str, Any] = {}
+    frame = inspect.currentframe().f_back
+    while frame is not None and frame.f_code.co_name == "__init__" and frame.f_locals.get("self") is obj:
+        arguments = inspect.getargvalues(frame)
+        for name in arguments.args[1:]:
+            settings.setdefault(name, arguments.locals[name])
+        frame = frame.f_back
+    return {name: value for name, value in settings.items() if name not in skip}

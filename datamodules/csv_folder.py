@@ -47,6 +47,9 @@ class CSVImageTextDataModule(ImageTextDataModule):
     The other arguments are ImageTextDataModule's.
     """
 
+    # The record index (see ImageTextDataModule) watches the CSV read; a folder of caption files has none.
+    indexed = True
+
     def __init__(
         self,
         source: str,
@@ -85,6 +88,7 @@ class CSVImageTextDataModule(ImageTextDataModule):
         raise FileNotFoundError(f"data source {self.source} does not exist")
 
     def _read_csv(self, path: Path) -> dict[str, list[Record]]:
+        self.note_source(path, table=True)
         table = read_csv_columns(path, ["image", "prompt"], encoding=self.text_encoding)
         # Line numbers as a spreadsheet or an editor shows them (the header is line 1); exact
         # unless a quoted prompt spans several lines.

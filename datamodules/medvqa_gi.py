@@ -71,6 +71,9 @@ class MedVQAGIDataModule(ImageTextDataModule):
     (the file name without extension) and "source" ("prompt-gt" or "caption:<key>").
     """
 
+    # The record index (see ImageTextDataModule) watches the tables read and the image folder's listing.
+    indexed = True
+
     def __init__(
         self,
         root: str,
@@ -155,6 +158,7 @@ class MedVQAGIDataModule(ImageTextDataModule):
         return pd.concat(frames, ignore_index=True)
 
     def _read_prompts(self, path: Path) -> pd.DataFrame:
+        self.note_source(path, table=True)
         header = _prompt_header(path, self.text_encoding)
         table = read_csv(
             path,
@@ -175,6 +179,7 @@ class MedVQAGIDataModule(ImageTextDataModule):
         )
 
     def _read_captions(self, path: Path) -> pd.DataFrame:
+        self.note_source(path, table=True)
         if not path.is_file():
             raise FileNotFoundError(f"captions file {path} does not exist")
         data = json.loads(read_text(path, self.text_encoding))
@@ -207,6 +212,7 @@ class MedVQAGIDataModule(ImageTextDataModule):
         folder = self.root / "images"
         if not folder.is_dir():
             raise FileNotFoundError(f"MedVQA-GI image folder {folder} does not exist")
+        self.note_source(folder)  # its listing says which images are missing
         paths = pd.Series([str(folder / name) for name in table["image"]], index=table.index)
         missing = paths.where(table["image"] != "", "no file name at " + table["where"])
         return table.assign(
@@ -231,6 +237,9 @@ class MedVQAGIParquetDataModule(MedVQAGIDataModule):
     The other arguments are MedVQAGIDataModule's (text_encoding has nothing to read here: the text
     of Arrow and parquet files is always UTF-8).
     """
+
+    # Not in the record index: its sources are the parquet files themselves (gigabytes to compare).
+    indexed = False
 
     def __init__(
         self,

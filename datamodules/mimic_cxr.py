@@ -91,7 +91,10 @@ class MIMICCXRDataModule(ImageTextDataModule):
 
     Records carry the 14 labels (1.0 / 0.0 / -1.0, None where blank) and meta with dicom_id,
     subject_id, study_id and view. Every record left out is counted in `dropped` with its reason.
+    The record index (see ImageTextDataModule) watches the CSVs and every report file read.
     """
+
+    indexed = True
 
     def __init__(
         self,
@@ -237,7 +240,7 @@ class MIMICCXRDataModule(ImageTextDataModule):
 
     def _read_csv(self, stem: str, columns: list[str]) -> tuple[pd.DataFrame, Path]:
         """The named columns (values as stripped text) of `mimic-cxr-2.0.0-{stem}.csv` or `.csv.gz`."""
-        path = _find_file(self.root, f"mimic-cxr-2.0.0-{stem}.csv")
+        path = self._find_file(self.root, f"mimic-cxr-2.0.0-{stem}.csv")
         if path is None:
             raise FileNotFoundError(
                 f"{self.root} has no mimic-cxr-2.0.0-{stem}.csv(.gz); it should hold {CSV_CONTENTS[stem]} "
@@ -250,6 +253,14 @@ class MIMICCXRDataModule(ImageTextDataModule):
         table.columns = table.columns.str.strip()
         return table.apply(lambda column: column.str.strip()), path
 
+    def _find_file(self, folder: Path, name: str) -> Path | None:
+        """`folder/name`, or its gzipped copy `name.gz`, whichever exists (both watched by the index)."""
+        candidates = (folder / name, folder / f"{name}.gz")
+        found = next((p for p in candidates if p.is_file()), None)
+        for path in candidates:
+            self.note_source(path, table=path == found)
+        return found
+
     # --- prompts --------------------------------------------------------------------------------
 
     def _reports_location(self) -> Path:
@@ -258,9 +269,10 @@ class MIMICCXRDataModule(ImageTextDataModule):
             if not self.reports.exists():
                 raise FileNotFoundError(f"reports {self.reports} does not exist")
             return self.reports
-        sectioned = _find_file(self.root, SECTIONED_CSV)
+        sectioned = self._find_file(self.root, SECTIONED_CSV)
         if sectioned is not None:
             return sectioned
+        self.note_source(self.root / "reports" / "files")
         return self.root / "reports" if (self.root / "reports" / "files").is_dir() else self.root
 
     def _report_lookup(self) -> ReportLookup:
@@ -270,18 +282,18 @@ class MIMICCXRDataModule(ImageTextDataModule):
         """
         location = self._reports_location()
         if location.is_file():
+            self.note_source(location, table=True)
             table = read_sectioned_csv(location, self.text_encoding)
             log.info("%s: report sections of %d studies from %s", type(self).__name__, len(table), location)
             return lambda subject_id, study_id: table.get(study_id)
         folder = location / "files" if (location / "files").is_dir() else location
-        read: dict[str, Sections | None] = {}
 
         def lookup(subject_id: str, study_id: str) -> Sections | None:
-            if study_id not in read:
-                path = folder / f"p{subject_id[:2]}" / f"p{subject_id}" / f"s{study_id}.txt"
-                report = read_text(path, self.text_encoding) if path.is_file() else None
-                read[study_id] = None if report is None else section_report(report, study_id)
-            return read[study_id]
+            path = os.path.join(folder, f"p{subject_id[:2]}", f"p{subject_id}", f"s{study_id}.txt")
+            self.note_source(path)
+            if not os.path.isfile(path):
+                return None
+            return section_report(read_text(path, self.text_encoding), study_id)
 
         return lookup
 
@@ -340,6 +352,7 @@ class MIMICCXRDataModule(ImageTextDataModule):
         the missing images of exactly the subset.
         """
         records: list[Record] = []
+        prompts: dict[str, tuple[str, str]] = {}
         dropped: Counter = Counter()
         examples: dict[str, str] = {}
         missing: list[str] = []
@@ -355,9 +368,12 @@ class MIMICCXRDataModule(ImageTextDataModule):
                 if not left.get(group):
                     continue
             labels = _label_dict(values)
-            prompt, reason = self._prompt(subject_id, study_id, labels, lookup)
+            if study_id not in prompts:  # a study's images share its report and labels, read once
+                prompts[study_id] = self._prompt(subject_id, study_id, labels, lookup)
+            prompt, reason = prompts[study_id]
             path = os.path.join(self.root, image)  # os.path: 250k pathlib joins would take seconds
             if not reason and not os.path.isfile(path):
+                self.note_source(path)  # its arrival rebuilds the index
                 missing.append(path)
                 reason = "image file missing" if self.missing_images == "drop" else ""
             if reason:
@@ -422,11 +438,6 @@ def _label_dict(values: Sequence[float]) -> dict[str, float | None]:
     return {
         name: None if math.isnan(value) else float(value) for name, value in zip(LABELS, values, strict=True)
     }
-
-
-def _find_file(folder: Path, name: str) -> Path | None:
-    """`folder/name`, or its gzipped copy `name.gz`, whichever exists."""
-    return next((p for p in (folder / name, folder / f"{name}.gz") if p.is_file()), None)
 
 
 def _check_subset(subset: int | None, balance: str | None) -> None:

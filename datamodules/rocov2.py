@@ -55,6 +55,9 @@ class ROCOv2DataModule(ImageTextDataModule):
     the record's first CUI among modality_cuis). Every record left out is counted in `dropped`.
     """
 
+    # The record index (see ImageTextDataModule) watches the tables read and the image folder's listing.
+    indexed = True
+
     def __init__(
         self,
         root: str,
@@ -94,6 +97,7 @@ class ROCOv2DataModule(ImageTextDataModule):
         """The split's rows as columns id, caption, cuis (a tuple) and where (for messages)."""
         prefix = OFFICIAL_SPLITS[split]
         path = self.root / f"{prefix}_captions.csv"
+        self.note_source(path, table=True)
         captions = read_csv_columns(path, ["ID", "Caption"], encoding=self.text_encoding)
         ids = captions["ID"].map(_roco_id)
         check_unique(ids, "ID", path)
@@ -110,6 +114,7 @@ class ROCOv2DataModule(ImageTextDataModule):
     def _concepts_of(self, prefix: str) -> dict[str, tuple[str, ...]]:
         suffix = "_manual" if self.concepts == "manual" else ""
         path = self.root / f"{prefix}_concepts{suffix}.csv"
+        self.note_source(path, table=True)
         if not path.is_file():
             if self.modality_cuis or self.require_cuis:
                 raise FileNotFoundError(f"{path} does not exist; filtering by CUI needs it")
@@ -124,6 +129,7 @@ class ROCOv2DataModule(ImageTextDataModule):
     def _cui_names(self) -> dict[str, str]:
         """CUI -> canonical name, from cui_mapping.csv; empty when the file is not there."""
         path = self.root / "cui_mapping.csv"
+        self.note_source(path, table=True)
         if not path.is_file():
             return {}
         table = read_csv_columns(path, ["CUI", "Canonical name"], encoding=self.text_encoding)
@@ -146,6 +152,7 @@ class ROCOv2DataModule(ImageTextDataModule):
                 f"ROCOv2 image folder {folder} does not exist "
                 f"(unzip {OFFICIAL_SPLITS[split]}_images.zip into {self.root})"
             )
+        self.note_source(folder)  # its listing says which images are missing
         images = pd.Series([str(folder / f"{image_id}.jpg") for image_id in table["id"]], index=table.index)
         found = (table["id"] + ".jpg").isin(existing_names(folder))
         return table.assign(image=images, missing=images.where(~found, ""))
@@ -176,6 +183,9 @@ class ROCOv2ParquetDataModule(ROCOv2DataModule):
     The other arguments are ROCOv2DataModule's; canonical CUI names are not part of this export
     (text_encoding applies to a cui_mapping.csv put beside it; parquet text is always UTF-8).
     """
+
+    # Not in the record index: its sources are the parquet files themselves (gigabytes to compare).
+    indexed = False
 
     def __init__(
         self,

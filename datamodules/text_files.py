@@ -11,7 +11,6 @@ from __future__ import annotations
 import codecs
 import gzip
 import os
-from pathlib import Path
 
 import pandas as pd
 
@@ -49,7 +48,8 @@ def decode(data: bytes, path: str | os.PathLike, encoding: str) -> str:
 
 def read_text(path: str | os.PathLike, encoding: str = DEFAULT_TEXT_ENCODING) -> str:
     """A whole text file, read once."""
-    return decode(Path(path).read_bytes(), path, encoding)
+    with open(path, "rb") as file:  # not pathlib: MIMIC's 228k reports are read one by one
+        return decode(file.read(), path, encoding)
 
 
 def read_csv(path: str | os.PathLike, encoding: str = DEFAULT_TEXT_ENCODING, **options) -> pd.DataFrame:

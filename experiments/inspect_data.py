@@ -78,9 +78,8 @@ def summarize(
     datamodule.tokenizer = tokenizer
     splits = {}
     for split in SPLITS:
-        loaded = datamodule.records(split)
         usable = datamodule.usable_records(split)
-        lengths = tokenizer.lengths([r.prompt for r in loaded])
+        lengths = datamodule.prompt_lengths(split)  # of the records loaded, counted once (record index)
         splits[split] = {
             "records": len(usable),
             "images": len({r.image if isinstance(r.image, str) else id(r.image) for r in usable}),

@@ -1,4 +1,5 @@
 import os
+import tempfile
 from typing import NamedTuple
 
 import pytest
@@ -8,6 +9,9 @@ import torch
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The record index (datamodules/record_index.py) of every DataModule built by a test, its commands'
+# subprocesses included, goes to a folder of this session's, never to the user's cache.
+os.environ["MEDSD_CACHE_DIR"] = tempfile.mkdtemp(prefix="medsd-test-cache-")
 
 
 @pytest.fixture(scope="module")
