@@ -45,7 +45,7 @@ BATCH_SETTINGS = frozenset(
 )  # fmt: skip
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Record:
     """One example: an image (a file path, or an image already in memory) and its caption.
 
@@ -53,6 +53,8 @@ class Record:
         1.0 positive, 0.0 negative, -1.0 uncertain and None for "not mentioned" (a blank cell),
         kept distinct because papers treat them differently.
     meta: anything else worth reporting or grouping by (view position, study id, modality, ...).
+    Read-only, dicts included: records with equal labels may share one dict (MIMIC-CXR's 218k
+    frontal images have a few thousand label patterns, and a dict each would cost 100 MB).
     """
 
     image: str | Image.Image

@@ -353,6 +353,7 @@ class MIMICCXRDataModule(ImageTextDataModule):
         """
         records: list[Record] = []
         prompts: dict[str, tuple[str, str]] = {}
+        patterns: dict[tuple, dict[str, float | None]] = {}  # records with equal labels share a dict
         dropped: Counter = Counter()
         examples: dict[str, str] = {}
         missing: list[str] = []
@@ -367,7 +368,7 @@ class MIMICCXRDataModule(ImageTextDataModule):
                     break
                 if not left.get(group):
                     continue
-            labels = _label_dict(values)
+            labels = patterns.setdefault(key := _label_key(values), dict(zip(LABELS, key, strict=True)))
             if study_id not in prompts:  # a study's images share its report and labels, read once
                 prompts[study_id] = self._prompt(subject_id, study_id, labels, lookup)
             prompt, reason = prompts[study_id]
@@ -433,11 +434,9 @@ def _label_values(column: pd.Series, name: str, path: Path) -> pd.Series:
     return values
 
 
-def _label_dict(values: Sequence[float]) -> dict[str, float | None]:
-    """The labels of one record, a blank (NaN) becoming None, so it stays distinct from 0.0."""
-    return {
-        name: None if math.isnan(value) else float(value) for name, value in zip(LABELS, values, strict=True)
-    }
+def _label_key(values: Sequence[float]) -> tuple[float | None, ...]:
+    """The label values of one record, a blank (NaN) becoming None, so it stays distinct from 0.0."""
+    return tuple(None if math.isnan(value) else float(value) for value in values)
 
 
 def _check_subset(subset: int | None, balance: str | None) -> None:

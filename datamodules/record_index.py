@@ -209,7 +209,7 @@ def table_records(table: pa.Table, record: Callable[..., Any]) -> dict[str, list
     n = table.num_rows
     splits = table.column("split").to_pylist()
     images, prompts = table.column("image").to_pylist(), table.column("prompt").to_pylist()
-    labels = _dicts(table, LABEL, table.column("labelled").to_pylist(), _label_values)
+    labels = _dicts(table, LABEL, table.column("labelled").to_pylist(), _label_values, share=True)
     meta = _dicts(table, META, table.column("described").to_pylist(), _meta_values)
     out: dict[str, list] = {}
     for i in range(n):
@@ -226,22 +226,34 @@ def _label_values(column: pa.ChunkedArray) -> list:
 
 
 def _meta_values(column: pa.ChunkedArray) -> list:
-    return [ABSENT_VALUE if v is None else v for v in column.to_pylist()]
+    """A meta column as Python strings (null, absent: ABSENT_VALUE), equal values one object."""
+    shared: dict = {None: ABSENT_VALUE}
+    return [shared.setdefault(v, v) for v in column.to_pylist()]
 
 
-def _dicts(table: pa.Table, prefix: str, present: list[bool], values: Callable) -> list[dict | None]:
+def _dicts(
+    table: pa.Table, prefix: str, present: list[bool], values: Callable, share: bool = False
+) -> list[dict | None]:
+    """The per-record dicts of the columns named `prefix`<key>; with `share`, records with equal
+    values share one (see Record: labels repeat; meta, holding ids, does not)."""
     names = [c for c in table.column_names if c.startswith(prefix)]
     keys = [c[len(prefix) :] for c in names]
     columns = [values(table.column(c)) for c in names]
     rows = zip(*columns, strict=True) if columns else [()] * len(present)
-    if not any(table.column(c).null_count for c in names):  # every record has every key
-        return [
-            dict(zip(keys, row, strict=True)) if p else None for p, row in zip(present, rows, strict=True)
-        ]
-    return [
-        {k: v for k, v in zip(keys, row, strict=True) if v is not ABSENT_VALUE} if p else None
-        for p, row in zip(present, rows, strict=True)
-    ]
+    shared: dict[tuple, dict] = {}
+    out: list[dict | None] = []
+    for p, row in zip(present, rows, strict=True):
+        if not p:
+            out.append(None)
+        elif share and (same := shared.get(row)) is not None:
+            out.append(same)
+        else:
+            out.append(
+                shared.setdefault(
+                    row, {k: v for k, v in zip(keys, row, strict=True) if v is not ABSENT_VALUE}
+                )
+            )
+    return out
 
 
 # --- the index folder ---------------------------------------------------------------------------
