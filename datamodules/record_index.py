@@ -135,6 +135,8 @@ class Source:
             return "appeared"
         if S_ISDIR(stat.st_mode) != (self.size == FOLDER):
             return "replaced"
+        if self.size == FOLDER:  # entries added or removed
+            return None if stat.st_mtime_ns == self.mtime_ns else "modified"
         if stat.st_size != self.size:
             return "changed size"
         if self.digest is not None:

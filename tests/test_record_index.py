@@ -201,11 +201,6 @@ def test_rocov2_records_round_trip(phantoms, tmp_path):
     assert dropped_of(second) == dropped_of(reference)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Source.change compares a folder's st_size with FOLDER (-2): every folder source reads "
-    "'changed size', so MIMIC (default reports folder) and ROCOv2 (image folders) rebuild on every start",
-)
 @pytest.mark.parametrize("dataset", ["mimic-default-reports", "rocov2"])
 def test_a_folder_source_does_not_rebuild_every_start(dataset, phantoms, tmp_path, monkeypatch, caplog):
     index = tmp_path / "index"
