@@ -56,7 +56,7 @@ MSDM_VAE = "prompt_to_polyp/msdm_vae"
 FLUX_DEPTH = {"transformer": {"num_layers": 1, "num_single_layers": 1}, "text_encoder_2": {"num_layers": 2}}
 DEPTH = {
     "prompt_to_polyp/flux_lora": (
-        "reduced: transformer 1 of 19 double + 1 of 38 single blocks, T5-XXL 2 of 24 layers; bf16",
+        "reduced: blocks 1/19 double + 1/38 single, T5-XXL 2/24 layers; bf16",
         {"--model.init_args.backbone.architecture_overrides": json.dumps(FLUX_DEPTH)},
     ),
     "prompt_to_polyp/kandinsky_lora": (
@@ -278,7 +278,8 @@ def row(f: dict) -> list[str]:
 
 def table(figures: list[dict]) -> str:
     rows = [list(COLUMNS), *(row(f) for f in figures)]
-    widths = [max(len(r[i]) for r in rows if i < len(r)) for i in range(len(COLUMNS))]
+    whole = [r for r in rows if len(r) == len(COLUMNS)]  # a failed row's message runs on
+    widths = [max(len(r[i]) for r in whole) for i in range(len(COLUMNS))]
     return "\n".join(
         "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=False)).rstrip() for r in rows
     )
