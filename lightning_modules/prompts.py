@@ -51,6 +51,8 @@ class PromptTokenizer:
         return {"template": self.template, "replacements": self.replacements, "max_length": self.max_length}
 
     def expand(self, prompt: str) -> str:
+        if self.template == "{prompt}" and not self.replacements:
+            return prompt  # not a copy of each of 218k prompts
         text = self.template.format(prompt=prompt)
         for word, expansion in self.replacements.items():
             text = text.replace(word, expansion)
