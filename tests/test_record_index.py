@@ -139,6 +139,8 @@ def test_mimic_records_round_trip_with_none_labels_and_meta(phantoms, tmp_path, 
     assert all(set(r.meta) == {"dicom_id", "subject_id", "study_id", "view"} for r in expected["train"])
     assert sum(sum(reasons.values()) for reasons in reference.dropped.values()) > 0
 
+    caplog.clear()  # what came before, logged if an earlier test raised medsd's level
+
     with caplog.at_level(logging.INFO, INDEX_LOGGER):
         first = mimic(phantoms["mimic"], index)
         first.setup()
@@ -148,6 +150,7 @@ def test_mimic_records_round_trip_with_none_labels_and_meta(phantoms, tmp_path, 
 
     caplog.clear()
     forbid_building(monkeypatch, MIMICCXRDataModule)
+    caplog.clear()  # what came before, logged if an earlier test raised medsd's level
     with caplog.at_level(logging.INFO, INDEX_LOGGER):
         second = mimic(phantoms["mimic"], index)
         second.setup()
@@ -179,6 +182,7 @@ def test_csv_records_without_labels_round_trip_and_drops_replay(tmp_path, monkey
 
     csv_dm(csv, index).setup()
     forbid_building(monkeypatch, CSVImageTextDataModule)
+    caplog.clear()  # what came before, logged if an earlier test raised medsd's level
     with caplog.at_level(logging.INFO, INDEX_LOGGER):
         second = csv_dm(csv, index)
         second.setup()
@@ -217,6 +221,7 @@ def test_a_folder_source_does_not_rebuild_every_start(dataset, phantoms, tmp_pat
 
     expected = records_of(make())
     forbid_building(monkeypatch, cls)
+    caplog.clear()  # what came before, logged if an earlier test raised medsd's level
     with caplog.at_level(logging.INFO, INDEX_LOGGER):
         second = make()
         second.setup()
@@ -237,6 +242,8 @@ def test_a_table_rewritten_with_its_size_and_time_rebuilds(tmp_path, caplog):
     os.utime(csv, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert (csv.stat().st_size, csv.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
 
+    caplog.clear()  # what came before, logged if an earlier test raised medsd's level
+
     with caplog.at_level(logging.INFO, INDEX_LOGGER):
         second = csv_dm(csv, index)
         prompts = [r.prompt for r in second.records("train")]
@@ -248,6 +255,7 @@ def test_a_table_rewritten_with_its_size_and_time_rebuilds(tmp_path, caplog):
 def test_an_unchanged_dataset_logs_a_read_not_a_build(phantoms, tmp_path, caplog):
     root = copy_of(phantoms["mimic"], tmp_path)
     mimic(root, tmp_path / "index").setup()
+    caplog.clear()  # what came before, logged if an earlier test raised medsd's level
     with caplog.at_level(logging.INFO, INDEX_LOGGER):
         mimic(root, tmp_path / "index").setup()
     assert builds(caplog) == [] and len(reads(caplog)) == 1
@@ -271,6 +279,8 @@ def test_a_report_of_another_size_rebuilds(phantoms, tmp_path, caplog):
     report.write_text(text.rstrip() + " Added sentence.\n")
     os.utime(report, ns=(mtime, mtime))  # its time alone would not tell
 
+    caplog.clear()  # what came before, logged if an earlier test raised medsd's level
+
     with caplog.at_level(logging.INFO, INDEX_LOGGER):
         second = mimic(root, index)
         second.setup()
@@ -291,6 +301,7 @@ def test_a_report_that_appears_rebuilds(phantoms, tmp_path, caplog):
     assert first.dropped["train"]["no report"] >= 1
 
     report.write_bytes(saved)
+    caplog.clear()  # what came before, logged if an earlier test raised medsd's level
     with caplog.at_level(logging.INFO, INDEX_LOGGER):
         second = mimic(root, index)
         second.setup()
@@ -310,6 +321,8 @@ def test_record_settings_choose_the_folder_batch_settings_do_not(phantoms, tmp_p
     mimic(phantoms["mimic"], index).setup()
     assert len(list(index.iterdir())) == 1
 
+    caplog.clear()  # what came before, logged if an earlier test raised medsd's level
+
     with caplog.at_level(logging.INFO, INDEX_LOGGER):
         pa_only = mimic(phantoms["mimic"], index, views=["PA"])
         pa_only.setup()
@@ -323,6 +336,7 @@ def test_record_settings_choose_the_folder_batch_settings_do_not(phantoms, tmp_p
 
     caplog.clear()
     forbid_building(monkeypatch, MIMICCXRDataModule)
+    caplog.clear()  # what came before, logged if an earlier test raised medsd's level
     with caplog.at_level(logging.INFO, INDEX_LOGGER):
         batched = MIMICCXRDataModule(
             str(phantoms["mimic"]),
@@ -555,6 +569,7 @@ class ContextTokenizer:
 def test_lengths_fall_back_to_whole_texts_when_words_disagree(caplog):
     texts = varied_texts()
     tokenizer = PromptTokenizer(ContextTokenizer())
+    caplog.clear()  # what came before, logged if an earlier test raised medsd's level
     with caplog.at_level(logging.INFO, "lightning_modules.prompts"):
         got = tokenizer.lengths(texts)
     assert got == [ContextTokenizer.count(t) for t in texts]
@@ -589,6 +604,8 @@ def test_a_build_that_dies_leaves_no_current_and_the_next_start_builds(
     left = build_folders(index)
     assert len(left) == (dies_in == "sources_table")  # only the dead build's scratch `.<build>`
     assert all(p.name.startswith(".") and not (p / "sources.arrow").exists() for p in left)
+
+    caplog.clear()  # what came before, logged if an earlier test raised medsd's level
 
     with caplog.at_level(logging.INFO, INDEX_LOGGER):
         dm = csv_dm(csv, index)
