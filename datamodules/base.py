@@ -358,6 +358,16 @@ class ImageTextDataModule(L.LightningDataModule, ABC):
             )
         )[:16]
         index = RecordIndex(self.record_index_dir or default_index_dir(), type(self).__name__, key)
+        try:
+            index.folder.mkdir(parents=True, exist_ok=True)
+            writable = os.access(index.folder, os.W_OK)
+        except OSError:
+            writable = False
+        if not writable:  # a read-only home or cache: the records are built as without an index
+            log.warning(
+                "record index folder %s cannot be written; building the records without it", index.folder
+            )
+            return self._build()
         built, mine = index.read_or_build(Record, lambda: self._build_index(index))
         if not mine:  # counted and logged as when they were built
             for drop in built.drops:

@@ -614,3 +614,15 @@ def test_a_build_that_dies_leaves_no_current_and_the_next_start_builds(
     assert records_of(dm) == records_of(csv_dm(csv, index, record_index=False))
     (current,) = index.glob("*/current")
     assert [p.name for p in build_folders(index)] == [current.read_text().strip()]
+
+
+def test_an_unwritable_index_folder_builds_without_it(tmp_path, caplog):
+    csv = write_csv_dataset(tmp_path / "data")
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the index folder would go")
+    expected = records_of(csv_dm(csv, tmp_path / "index", record_index=False))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        got = records_of(csv_dm(csv, blocked / "index"))
+    assert got == expected
+    assert any("cannot be written" in r.getMessage() for r in caplog.records)
