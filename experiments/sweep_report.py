@@ -5,6 +5,8 @@
     <sweep>/summary.md    wide form: one row per cell, one column per headline number
     <sweep>/plots/*.png   each headline metric per cell with its 95% interval; quality vs cost
     <sweep>/report.md     states of the cells, the wide table and the plots
+    <sweep>/report.html   the same with the images: a prompt grid across cells, copying pairs, loss
+                          curves (`experiments.sweep_html`)
 
 Cells that are not done appear with their state and no numbers; nothing is dropped silently.
 """
@@ -72,24 +74,30 @@ def cell_rows(folder) -> list[dict]:
     return rows or [base]
 
 
-def headline(long: pd.DataFrame) -> pd.DataFrame:
-    """One row per cell, one column per headline number ("fid inception", "clip_score open_clip",
-    "augmentation_auroc real+synthetic macro", ...)."""
+def headline_numbers(long: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the headline numbers, each named in a `column` ("fid inception", "clip_score
+    open_clip", "augmentation_auroc real+synthetic macro", ...)."""
     numbers = long.dropna(subset=["metric"]).copy()
     keep = numbers["label"].isna() | numbers["label"].isin(["macro", "macro minus real"])
     keep |= numbers["metric"].str.startswith("insertion_")
     keep &= ~numbers["metric"].isin(HIDDEN)
     keep &= numbers["run"].ne("real")  # the same real-only classifier in every cell (NaN: kept)
     numbers = numbers[keep]
+    parts = (
+        numbers[["metric", "run", "label", "extractor"]].astype(object).fillna("").astype(str).values.tolist()
+    )
+    numbers["column"] = [" ".join(p for p in row if p and p not in ("cost", "classifier")) for row in parts]
+    return numbers
+
+
+def headline(long: pd.DataFrame) -> pd.DataFrame:
+    """One row per cell, one column per headline number (see `headline_numbers`)."""
+    numbers = headline_numbers(long)
     states = long.drop_duplicates("cell").set_index("cell")
     label_columns = [c for c in states.columns if c not in {"metric", "extractor", "label", "run", "value",
                                                              "ci_low", "ci_high", "n_generated"}]  # fmt: skip
     if numbers.empty:
         return states[label_columns].reset_index()
-    parts = (
-        numbers[["metric", "run", "label", "extractor"]].astype(object).fillna("").astype(str).values.tolist()
-    )
-    numbers["column"] = [" ".join(p for p in row if p and p not in ("cost", "classifier")) for row in parts]
     wide = numbers.pivot_table(index="cell", columns="column", values="value", aggfunc="first")
     return states[label_columns].join(wide).reset_index()
 
@@ -120,6 +128,9 @@ def write_report(matrix: Matrix, folders: list, out: Path) -> Path:
         *[f"![{p.stem}](plots/{p.name})" for p in plots],
     ]
     write_atomically(out / "report.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+    from .sweep_html import write_html  # imported here: it imports this module
+
+    write_html(matrix, folders, out, long, plots)
     return out / "report.md"
 
 
