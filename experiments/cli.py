@@ -30,6 +30,7 @@ COMMANDS = {
     "evaluate": ("experiments.evaluate", "score a `medsd sample` folder against real images"),
     "export": ("experiments.export_checkpoint", "write a run's export from one of its checkpoints"),
     "sweep": ("experiments.sweep", "every cell of a matrix through fit, sample and evaluate"),
+    "rate": ("experiments.rate", "a blinded expert rating of real and generated images, and its report"),
 }
 
 # The project's packages, whose INFO messages (exports written, metrics skipped and why, sampler

@@ -1,0 +1,224 @@
+"""The numbers of a rating study, from its answers (unblinded here, and only here).
+
+- Turing test, per rater and pooled: accuracy (a real image called real, a generated one called
+  synthetic), sensitivity for "synthetic" (generated images called synthetic) and specificity
+  (real images called real), each with its exact binomial interval. The pooled figures count
+  every answer as one trial; the raters saw the same images, so the pooled interval is narrower
+  than the images alone would justify: read the per-rater rows for inference.
+- Per source ("cell": the real images, each sample folder or sweep cell): how often its images
+  were called synthetic, realism (mean, SD, median, the count of each score) and finding
+  agreement: of the answers "yes" / "no" about the finding asked, the share matching what the
+  prompt states (unsure answers and findings the prompt leaves uncertain counted apart).
+- Inter-rater agreement on each question, over the images every rater answered: Cohen's kappa
+  for two raters, Fleiss' kappa for more (realism unweighted, as five categories).
+
+`write_report` writes report.json, turing.csv, cells.csv, agreement.csv, answers.csv and
+report.md (the markdown section `rating_section` returns), each atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pandas as pd
+
+from datamodules.atomic import write_atomically
+
+from .agreement import INTERVAL_METHOD, category_counts, clopper_pearson, cohen_kappa, fleiss_kappa
+from .study import REAL, Study
+
+LEVEL = 0.95
+
+
+def proportion(successes: int, n: int) -> dict:
+    """k of n, its share and interval (None without answers)."""
+    low, high = clopper_pearson(successes, n, LEVEL) if n else (None, None)
+    return {"k": successes, "n": n, "value": successes / n if n else None, "ci_low": low, "ci_high": high}
+
+
+def turing_row(rater: str, answers: list[dict]) -> dict:
+    answered = [a for a in answers if a["turing"] is not None]
+    real = [a for a in answered if a["kind"] == REAL]
+    generated = [a for a in answered if a["kind"] != REAL]
+    called_real = sum(a["turing"] == REAL for a in real)
+    called_synthetic = sum(a["turing"] != REAL for a in generated)
+    return {
+        "rater": rater,
+        "accuracy": proportion(called_real + called_synthetic, len(answered)),
+        "sensitivity": proportion(called_synthetic, len(generated)),
+        "specificity": proportion(called_real, len(real)),
+    }
+
+
+def cell_row(source: str, kind: str, answers: list[dict]) -> dict:
+    turing = [a["turing"] for a in answers if a["turing"] is not None]
+    scores = [a["realism"] for a in answers if a["realism"] is not None]
+    asked = [a for a in answers if a["finding"] is not None]
+    decided = [a for a in asked if a["finding"] != "unsure" and a["finding_truth"] is not None]
+    matching = sum((a["finding"] == "yes") == bool(a["finding_truth"]) for a in decided)
+    return {
+        "source": source,
+        "kind": kind,
+        "answers": len(answers),
+        "called_synthetic": proportion(sum(t != REAL for t in turing), len(turing)),
+        "realism": {
+            "n": len(scores),
+            "mean": statistics.fmean(scores) if scores else None,
+            "sd": statistics.stdev(scores) if len(scores) > 1 else None,
+            "median": statistics.median(scores) if scores else None,
+            "counts": {str(s): scores.count(s) for s in range(1, 6)},
+        },
+        "finding": {
+            "asked": len(asked),
+            "unsure": sum(a["finding"] == "unsure" for a in asked),
+            "uncertain_truth": sum(a["finding_truth"] is None for a in asked),
+            "agreement": proportion(matching, len(decided)),
+        },
+    }
+
+
+def agreement_rows(answers: list[dict], raters: list[str]) -> list[dict]:
+    """Kappa of each question over the items that every rater answered it for."""
+    if len(raters) < 2:
+        return []
+    rows = []
+    for question in ("turing", "realism", "finding"):
+        by_item: dict[int, dict[str, object]] = {}
+        for a in answers:
+            if a[question] is not None:
+                by_item.setdefault(a["item"], {})[a["rater"]] = a[question]
+        common = [by_item[i] for i in sorted(by_item) if len(by_item[i]) == len(raters)]
+        if not common:
+            continue
+        if len(raters) == 2:
+            method = "Cohen's kappa"
+            kappa = cohen_kappa([row[raters[0]] for row in common], [row[raters[1]] for row in common])
+        else:
+            method = "Fleiss' kappa"
+            kappa = fleiss_kappa(category_counts([[row[r] for r in raters] for row in common]))
+        kappa = None if kappa != kappa else kappa  # nan: all answers alike, kappa undefined
+        rows.append({"question": question, "method": method, "raters": len(raters), "items": len(common),
+                     "kappa": kappa})  # fmt: skip
+    return rows
+
+
+def build_report(study: Study) -> dict:
+    answers = study.answers()
+    raters = [name for name, _ in study.raters()]
+    design = study.design
+    return {
+        "study": str(study.path),
+        "design": design.as_dict(),
+        "interval": f"{INTERVAL_METHOD}, {LEVEL:.0%}",
+        "progress": [
+            dict(rater=r, **dict(zip(("answered", "queued"), study.progress(r), strict=True))) for r in raters
+        ],
+        "turing": [turing_row(r, [a for a in answers if a["rater"] == r]) for r in raters]
+        + [turing_row("pooled", answers)],
+        "cells": [
+            cell_row(s["name"], s["kind"], [a for a in answers if a["source"] == s["name"]])
+            for s in design.sources
+        ],
+        "agreement": agreement_rows(answers, raters),
+        "answers": answers,
+    }
+
+
+def _flat(row: dict, prefix: str = "") -> dict:
+    """{"accuracy": {"k": 3}} -> {"accuracy_k": 3}."""
+    flat = {}
+    for key, value in row.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}_"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def write_report(report: dict, out: str | Path) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(report, indent=2, allow_nan=False)
+    write_atomically(out / "report.json", lambda tmp: tmp.write_text(text + "\n"))
+    for name in ("turing", "cells", "agreement", "answers"):
+        frame = pd.DataFrame([_flat(row) for row in report[name]])
+        write_atomically(out / f"{name}.csv", lambda tmp, frame=frame: frame.to_csv(tmp, index=False))
+    section = rating_section(report)
+    write_atomically(out / "report.md", lambda tmp: tmp.write_text(section))
+    return out / "report.json"
+
+
+def _share(p: dict) -> str:
+    if not p["n"]:
+        return "–"
+    return f"{p['value']:.1%} ({p['k']}/{p['n']}; {p['ci_low']:.1%}–{p['ci_high']:.1%})"
+
+
+def _number(value, digits: int = 2) -> str:
+    return "–" if value is None or value != value else f"{value:.{digits}f}"
+
+
+def rating_section(report: dict) -> str:
+    """The study as a markdown section (`## Expert rating`), for a sweep report to include."""
+    design = report["design"]
+    progress = ", ".join(f"{p['rater']} {p['answered']}/{p['queued']}" for p in report["progress"])
+    lines = [
+        "## Expert rating",
+        "",
+        f"{len(design['raters'])} rater(s), {design['per_source']} images per source, blinded and shuffled "
+        f"(seed {design['seed']}); prompt {design['prompt']}; questions: {', '.join(design['questions'])}. "
+        f"Answered: {progress}. Intervals: {report['interval']}.",
+        "",
+    ]
+    if "turing" in design["questions"]:
+        lines += [
+            "### Real or synthetic",
+            "",
+            "Accuracy: real called real, generated called synthetic (50% is chance for a balanced "
+            "mix; lower is better for the generator). Sensitivity: generated called synthetic; "
+            "specificity: real called real. Pooled counts every answer as a trial.",
+            "",
+            "| rater | accuracy | sensitivity (synthetic) | specificity |",
+            "| --- | --- | --- | --- |",
+            *[
+                f"| {r['rater']} | "
+                + " | ".join(_share(r[k]) for k in ("accuracy", "sensitivity", "specificity"))
+                + " |"
+                for r in report["turing"]
+            ],
+            "",
+        ]
+    lines += [
+        "### Per source",
+        "",
+        "| source | answers | called synthetic | realism mean (SD), median, n | finding agreement | unsure |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for c in report["cells"]:
+        realism, finding = c["realism"], c["finding"]
+        score = (
+            f"{_number(realism['mean'])} ({_number(realism['sd'])}), {_number(realism['median'], 1)}, "
+            f"{realism['n']}"
+            if realism["n"]
+            else "–"
+        )
+        name = f"{c['source']} (real)" if c["kind"] == REAL else c["source"]
+        lines.append(
+            f"| {name} | {c['answers']} | {_share(c['called_synthetic'])} | {score} | "
+            f"{_share(finding['agreement'])} | {finding['unsure']}/{finding['asked']} |"
+        )
+    if report["agreement"]:
+        lines += [
+            "",
+            "### Inter-rater agreement",
+            "",
+            "| question | method | items | kappa |",
+            "| --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {a['question']} | {a['method']} | {a['items']} | {_number(a['kappa'], 3)} |"
+            for a in report["agreement"]
+        ]
+    return "\n".join(lines) + "\n"
