@@ -162,14 +162,38 @@ def numbers_section(long: pd.DataFrame, names: list[str]) -> str:
 
 
 def rating_section(out: Path) -> str:
-    """The blind rating's summary, where a rating was run on this sweep (`medsd rate`)."""
-    if not (out / "rating" / "report.json").is_file():
+    """The blind rating's section (`medsd rate`), where a rating was run on this sweep."""
+    path = out / "rating" / "report.json"
+    if not path.is_file():
         return ""
     try:
-        from evaluation.rating import report_markdown  # another part of medsd; absent in older trees
-    except ImportError:
-        return "<h2>Rating</h2><p class='note'>rating/report.json exists, but this medsd cannot read it.</p>"
-    return f"<h2>Rating</h2><pre>{_text(report_markdown(out / 'rating'))}</pre>"
+        from evaluation.rating.report import rating_section as markdown
+    except ImportError:  # a sweep folder rated by a newer medsd than this one
+        return (
+            "<h2>Expert rating</h2><p class='note'>rating/report.json exists; this medsd cannot read it.</p>"
+        )
+    return markdown_html(markdown(json.loads(path.read_text())))
+
+
+def markdown_html(text: str) -> str:
+    """The markdown medsd writes (headings, paragraphs, pipe tables) as html, escaped; medsd has no
+    markdown renderer among its dependencies."""
+    parts, table = [], []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            if not set(line) <= set("|-: "):  # the header's separator line
+                table.append(line.strip().strip("|").split("|"))
+            continue
+        if table:
+            rows = [[f"<td>{_text(c.strip())}</td>" for c in row] for row in table]
+            parts.append("<table>" + "".join(f"<tr>{''.join(r)}</tr>" for r in rows) + "</table>")
+            table = []
+        if line.startswith("#"):
+            level = min(len(line) - len(line.lstrip("#")), 6)
+            parts.append(f"<h{level}>{_text(line.lstrip('#').strip())}</h{level}>")
+        elif line.strip():
+            parts.append(f"<p>{_text(line)}</p>")
+    return "".join(parts)
 
 
 def relative(path: Path, out: Path) -> str:
