@@ -1,6 +1,6 @@
-"""What the html report of a sweep shows, gathered from the cells' folders: the prompt grid (real
-images beside each cell's image of the same prompt), the loss curves and the copying test's pairs,
-with the PNGs they make under `<sweep>/plots/` and `<sweep>/report_files/`.
+"""The figures of a sweep's html report, gathered from the cells' folders: the prompt grid (real
+images beside each cell's image of the same prompt) and the loss curves, with the PNGs they make
+under `<sweep>/plots/` and `<sweep>/report_files/`.
 
 Paths are relative to the sweep folder, so that the report still finds them in a copy of it.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from datamodules.atomic import write_atomically
+from datamodules.atomic import atomic_directory, write_atomically
 from datamodules.images import load_image, to_rgb
 from evaluation.sample_folder import read_manifest, read_settings
 
@@ -104,28 +104,38 @@ def add_real_images(rows: list[GridRow], folders: list, out: Path) -> str:
 
     try:
         records = build_datamodule(source["data"]).records(source["split"])
-    except Exception as error:  # noqa: BLE001 - the grid still shows the cells; the report says why
-        return f"none: the real images could not be read ({type(error).__name__}: {error})"
+    except (Exception, SystemExit) as error:  # the grid still shows the cells; the report says why
+        # A config the parser refuses exits (its message on stderr) while handling the error itself.
+        cause = error.__context__ if isinstance(error, SystemExit) and error.__context__ else error
+        return f"none: the real images could not be read ({type(cause).__name__}: {cause})"
     by_prompt: dict[str, list] = {}
     for record in records:
         by_prompt.setdefault(record.prompt, []).append(record)
-    for row in rows:
-        matching = by_prompt.get(row.cells[position].prompt, [])
-        for j, record in enumerate(matching[:REAL_PER_PROMPT]):
-            image = (
-                to_rgb(record.image) if isinstance(record.image, Image.Image) else load_image(record.image)
-            )
-            image = image.copy()
-            image.thumbnail((REAL_SIZE, REAL_SIZE))
-            path = out / "report_files" / "real" / f"{row.prompt_index:06d}_{j}.png"
-            write_atomically(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
-            row.real.append(relative(path, out))
-        shown = matching[:REAL_PER_PROMPT]
-        row.real_note = f"{len(shown)} of {len(matching)} record(s) with this prompt"
-        studies = [str((r.meta or {}).get("study_id")) for r in shown if (r.meta or {}).get("study_id")]
-        if studies:
-            row.real_note += f"; studies {', '.join(studies)}"
+    # Written whole, so that no real image of an earlier report's rows stays behind.
+    with atomic_directory(out / "report_files" / "real") as scratch:
+        for row in rows:
+            matching = by_prompt.get(row.cells[position].prompt, [])
+            shown, unreadable = matching[:REAL_PER_PROMPT], 0
+            for j, record in enumerate(shown):
+                name = f"{row.prompt_index:06d}_{j}.png"
+                try:
+                    thumbnail(record.image).save(scratch / name, format="PNG")
+                except (OSError, ValueError):  # a bad file of the dataset: the row says so
+                    unreadable += 1
+                    continue
+                row.real.append(f"report_files/real/{name}")
+            row.real_note = f"{len(shown)} of {len(matching)} record(s) with this prompt"
+            row.real_note += f", {unreadable} unreadable" if unreadable else ""
+            studies = [str((r.meta or {}).get("study_id")) for r in shown if (r.meta or {}).get("study_id")]
+            row.real_note += f"; studies {', '.join(studies)}" if studies else ""
     return f"the '{source['split']}' split of {' '.join(source['data'])}, as {folder.cell.name} sampled it"
+
+
+def thumbnail(image: str | Image.Image) -> Image.Image:
+    """A record's image (a file, or one the dataset holds in memory) at most REAL_SIZE on a side."""
+    image = to_rgb(image).copy() if isinstance(image, Image.Image) else load_image(image)
+    image.thumbnail((REAL_SIZE, REAL_SIZE))
+    return image
 
 
 def write_grid_png(rows: list[GridRow], names: list[str], out: Path, path: Path) -> Path | None:
@@ -180,7 +190,7 @@ def write_loss_plot(folders: list, path: Path) -> Path | None:
     if not curves:
         return None
     plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(7, 4))
+    figure, axis = plt.subplots(figsize=(9, 4))
     for number, (name, cell) in enumerate(curves.items()):
         color = f"C{number % 10}"
         for kind, style in (("train", {"linewidth": 1}), ("val", {"linestyle": "--", "marker": "o"})):
@@ -190,7 +200,7 @@ def write_loss_plot(folders: list, path: Path) -> Path | None:
     axis.set_xlabel("step")
     axis.set_ylabel("loss")
     axis.set_title("training (solid) and validation (dashed) loss")
-    axis.legend(fontsize=6, ncol=2)
+    axis.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the curves, not on them
     figure.tight_layout()
     write_atomically(path, lambda tmp: figure.savefig(tmp, dpi=100, format="png"))
     plt.close(figure)

@@ -109,34 +109,50 @@ def _grid_cell(cell, name: str, prompt: str) -> str:
 
 
 def copying_section(folders: list, out: Path) -> str:
+    """The closest pairs of each cell the copying test ran on; the others listed once per reason."""
     parts = ["<h2>Copying</h2><p>Per cell, the generated images most like a training image (smallest "
-             "ratio of training to held-out distance) of the data-copying test.</p>"]  # fmt: skip
+             "ratio of training to held-out distance) in the data-copying test.</p>"]  # fmt: skip
+    not_run: dict[str, list[str]] = {}
     for folder in folders:
-        parts.append(f"<h3>{_text(folder.cell.name)}</h3>")
         path = folder.metrics / "metrics.json"
         if not path.is_file():
-            parts.append(f"<p class='note'>Not evaluated ({_text(folder.status()['state'])}).</p>")
+            not_run.setdefault(f"not evaluated ({folder.status()['state']})", []).append(folder.cell.name)
             continue
         result = json.loads(path.read_text())
         rows = [r for r in result["metrics"] if r["metric"] == "copying_nearest_is_train"]
-        for row in rows:
-            verdict = "copying detected" if row.get("copying_detected") else "no copying detected"
-            expected, p_value = row.get("expected", math.nan), row.get("p_value", math.nan)
+        if rows:
             parts.append(
-                f"<p>{_text(row.get('extractor') or '')}: {verdict}; the nearest real image is a training "
-                f"image for {row['value']:.3g} of the generated images ({expected:.3g} expected without "
-                f"copying), p = {p_value:.3g}.</p>"
+                f"<h3>{_text(folder.cell.name)}</h3>"
+                + "".join(_copying_row(row, folder, out) for row in rows)
             )
-            pairs = folder.metrics / row.get("closest_pairs", "")
-            if row.get("closest_pairs") and pairs.is_file():
-                parts.append(_image(relative(pairs, out), f"{folder.cell.name}: closest pairs", "plot"))
-            elif row.get("closest_pairs"):
-                parts.append(f"<p class='note'>{_text(row['closest_pairs'])} is missing.</p>")
-        skipped = {k: v for k, v in result.get("skipped", {}).items() if k.startswith(COPYING.name)}
-        parts += [f"<p class='note'>Skipped ({_text(k)}): {_text(v)}</p>" for k, v in skipped.items()]
+        skipped = [
+            f"skipped: {v}" for k, v in result.get("skipped", {}).items() if k.startswith(COPYING.name)
+        ]
         if not rows and not skipped:
-            parts.append("<p class='note'>Not run: the evaluation was given no training split.</p>")
+            skipped = ["not run: the evaluation was given no training split"]
+        for reason in skipped:
+            not_run.setdefault(reason, []).append(folder.cell.name)
+    parts += [
+        f"<p class='note'>{_text(', '.join(cells))}: {_text(why)}</p>" for why, cells in not_run.items()
+    ]
     return "".join(parts)
+
+
+def _copying_row(row: dict, folder, out: Path) -> str:
+    verdict = "copying detected" if row.get("copying_detected") else "no copying detected"
+    expected, p_value = row.get("expected", math.nan), row.get("p_value", math.nan)
+    text = (
+        f"<p>{_text(row.get('extractor') or '')}: {verdict}; the nearest real image is a training image "
+        f"for {row['value']:.3g} of the generated images ({expected:.3g} expected without copying), "
+        f"p = {p_value:.3g}.</p>"
+    )
+    pairs = folder.metrics / row.get("closest_pairs", "")
+    if row.get("closest_pairs") and pairs.is_file():
+        return text + _image(relative(pairs, out), f"{folder.cell.name}: closest pairs", "plot")
+    return (
+        text
+        + f"<p class='note'>No closest-pairs image ({_text(row.get('closest_pairs', 'none recorded'))}).</p>"
+    )
 
 
 def loss_section(folders: list, out: Path) -> str:
