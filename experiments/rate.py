@@ -117,24 +117,36 @@ def create_study(db: Path, given: dict) -> Study:
 
 
 def serve(argv: list[str]) -> None:
-    parser = command_parser(prog="medsd rate serve", description="serve (creating it first) a rating study")
+    parser = command_parser(
+        prog="medsd rate serve",
+        description=(
+            "serve a rating study, creating it on the first run; the real images come from a `medsd fit` "
+            "config (--config RUN.yaml, --data.init_args.root DIR, ...). Unset design options: the "
+            "stored design's for an existing study, the defaults named here for a new one"
+        ),
+    )
     parser.add_argument("--db", required=True, help="the study file (SQLite), created on the first run")
     parser.add_argument("--samples", nargs="+", help="`medsd sample` folders: the generated sources")
     parser.add_argument("--sweep", help="a sweep folder: each cell's samples are a generated source")
-    parser.add_argument("--real-split", help="the split of the config's DataModule (default test)")
+    parser.add_argument("--real-split", help="the split of the config's DataModule; new study: test")
     parser.add_argument("--raters", help="comma-separated rater names")
-    parser.add_argument("--per-source", type=int, help="images drawn from each source (default 20)")
-    parser.add_argument("--questions", help=f"comma-separated, of {','.join(QUESTIONS)} (default all)")
     parser.add_argument(
-        "--prompt", choices=["shown", "hidden"], help="show each image's prompt (default hidden)"
+        "--per-source", type=int, help="images drawn from each source, the real split too; new study: 20"
+    )
+    parser.add_argument("--questions", help=f"comma-separated, of {','.join(QUESTIONS)}; new study: all")
+    parser.add_argument(
+        "--prompt", choices=["shown", "hidden"], help="show each image's prompt; new study: hidden"
     )
     parser.add_argument(
-        "--finding", help="the finding asked about for every image (default: its first positive label)"
+        "--finding",
+        help="the finding asked about for every image; new study: each one's first positive label",
     )
-    parser.add_argument("--seed", type=int, help="draws the images and each rater's order (default 0)")
-    parser.add_argument("--image-size", type=int, help="side of the square images shown (default 512)")
+    parser.add_argument("--seed", type=int, help="draws the images and each rater's order; new study: 0")
+    parser.add_argument("--image-size", type=int, help="side of the square images shown; new study: 512")
     parser.add_argument(
-        "--color", choices=["auto", "gray", "rgb"], help="auto: gray when the real images are"
+        "--color",
+        choices=["auto", "gray", "rgb"],
+        help="auto (new study's default): gray when the real images are",
     )
     parser.add_argument("--host", default="127.0.0.1", help="the address to listen on")
     parser.add_argument("--port", type=int, default=8765)
@@ -167,6 +179,8 @@ def serve(argv: list[str]) -> None:
             print(
                 f"  {name}: http://{args.host}:{args.port}/r/{token}   ({done}/{queued} answered)", flush=True
             )
+        if args.host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"listening on {args.host}: anyone who can reach this machine and holds a link can rate")
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # its request lines hold the tokens
         create_app(study).run(host=args.host, port=args.port, threaded=True, use_reloader=False)
 

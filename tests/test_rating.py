@@ -201,9 +201,9 @@ def test_answers_survive_a_reopen_and_the_rater_resumes_where_they_stopped(tmp_p
     again = client.post(f"/r/{token}/answer/{answered[0]}", data={"turing": "synthetic", "realism": "1"})
     assert again.status_code == 303  # a resubmitted form keeps the first answers
     reopened = create_app(Study(study.path)).test_client()
-    assert "Image 4 of 12" in reopened.get(f"/r/{token}").get_data(as_text=True)
+    assert "Image 4 of 12 for alice" in reopened.get(f"/r/{token}").get_data(as_text=True)
     assert current_opaque(reopened, token) not in answered
-    assert "Image 1 of 12" in reopened.get(f"/r/{other}").get_data(as_text=True)
+    assert "Image 1 of 12 for bob" in reopened.get(f"/r/{other}").get_data(as_text=True)
     with sqlite3.connect(study.path) as db:
         rows = db.execute("SELECT turing, realism, finding FROM answers WHERE rater = ?", (name,)).fetchall()
     assert len(rows) == 3 and rows[0][:2] == ("real", 4)

@@ -154,8 +154,13 @@ def test_a_rater_in_a_browser_loses_nothing_to_a_killed_server(browser, tmp_path
     server, again = start_server(["--db", str(db), "--port", str(port)], tmp_path / "serve2.log")
     try:
         assert again == links  # the same links after the restart
+        command = [sys.executable, "-m", "experiments.cli", "rate", "serve", "--db", str(db)]
+        second = subprocess.run(
+            [*command, "--port", str(free_port())], capture_output=True, text=True, timeout=120
+        )
+        assert second.returncode != 0 and f"in use by another process (pid {server.pid}" in second.stderr
         browser.get(links["alice"])
-        assert browser.find_element(By.ID, "progress").text.startswith(f"Image 5 of {QUEUE}.")
+        assert browser.find_element(By.ID, "progress").text.startswith(f"Image 5 of {QUEUE} for alice.")
         for _ in range(QUEUE - 4):
             opaque, form = rate_in_browser(browser, links["alice"], rng, seen)
             alice[opaque] = form

@@ -26,9 +26,9 @@ fieldset { margin: 0.6em 0; } .error { color: #b00; } .progress { color: #555; }
 </style></head><body>
 {% if item is none %}
 <h1>Thank you</h1>
-<p id="done">All {{ queued }} images are rated. You may close this page.</p>
+<p id="done">All {{ queued }} images are rated, {{ rater }}: thank you. You may close this page.</p>
 {% else %}
-<p class="progress" id="progress">Image {{ answered + 1 }} of {{ queued }}.
+<p class="progress" id="progress">Image {{ answered + 1 }} of {{ queued }} for {{ rater }}.
 Your answers are saved one image at a time: you may close this page and come back to this link
 to go on where you stopped.</p>
 {% if error %}<p class="error" id="error">{{ error }}</p>{% endif %}
@@ -67,7 +67,7 @@ def create_app(study: Study) -> Flask:
     def page(token: str, rater: str, error: str | None = None, status: int = 200) -> tuple[str, int]:
         item = study.current(rater)
         answered, queued = study.progress(rater)
-        fields = {"item": item, "answered": answered, "queued": queued, "error": error,
+        fields = {"item": item, "rater": rater, "answered": answered, "queued": queued, "error": error,
                   "questions": design.questions, "size": design.image_size}  # fmt: skip
         if item is not None:
             fields.update(
