@@ -180,40 +180,48 @@ def test_loss_curves_and_numbers_with_intervals(sweep):
     assert [text for text, _ in fid[1:]] == ["10 [8, 12.5]", "110 [8, 12.5]", ""]
 
 
-def test_a_split_that_cannot_be_rebuilt_leaves_the_real_column_empty_and_says_why(sweep, tmp_path):
+def rewritten(sweep: Path, tmp_path: Path, change) -> str:
+    """The report of a copy of the sweep folder that `change(copy)` altered."""
     copy = tmp_path / "sweep"
     shutil.copytree(sweep, copy)
-    settings = copy / "strategy-unet" / "samples" / "sample_config.json"
-    settings.write_text(settings.read_text().replace("unet.yaml", "gone.yaml"))
+    change(copy)
     matrix = Matrix.load(sweep.parent / "matrix.yaml")
     write_report(matrix, sweep_plan(matrix, copy), copy)
-    page = read_page(copy / "report.html")
-    assert "Real images: none: the real images could not be read" in (copy / "report.html").read_text()
+    return (copy / "report.html").read_text()
+
+
+def replace_in(path: Path, old: str, new: str) -> None:
+    path.write_text(path.read_text().replace(old, new))
+
+
+def test_a_split_that_cannot_be_rebuilt_leaves_the_real_column_empty_and_says_why(sweep, tmp_path):
+    settings = Path("strategy-unet/samples/sample_config.json")
+    text = rewritten(sweep, tmp_path, lambda copy: replace_in(copy / settings, "unet.yaml", "gone.yaml"))
+    assert "Real images: none: the real images could not be read" in text
+    page = Page()
+    page.feed(text)
     assert all(not row[1][1] and row[2][1] for row in grid(page)[1:])  # no real image; the cells' still
 
 
 def test_text_is_escaped(sweep, tmp_path):
-    copy = tmp_path / "sweep"
-    shutil.copytree(sweep, copy)
-    manifest = copy / "strategy-unet" / "samples" / "manifest.csv"
-    manifest.write_text(manifest.read_text().replace("a bright circle on the left", "<b>circle</b> & left"))
-    matrix = Matrix.load(sweep.parent / "matrix.yaml")
-    write_report(matrix, sweep_plan(matrix, copy), copy)
-    text = (copy / "report.html").read_text()
-    assert "<b>circle" not in text and "&lt;b&gt;circle&lt;/b&gt; &amp; left" in text
+    manifest = Path("strategy-unet/samples/manifest.csv")
+    text = rewritten(
+        sweep,
+        tmp_path,
+        lambda copy: replace_in(copy / manifest, "a bright circle on the left", "<b>c</b> & l"),
+    )
+    assert "<b>c" not in text and "&lt;b&gt;c&lt;/b&gt; &amp; l" in text
 
 
 def test_a_rated_sweep_shows_the_rating_section(sweep, tmp_path, monkeypatch):
     from evaluation.rating import report
 
-    copy = tmp_path / "sweep"
-    shutil.copytree(sweep, copy)
-    (copy / "rating").mkdir()
-    (copy / "rating" / "report.json").write_text('{"raters": 2}')
+    def rate(copy: Path) -> None:
+        (copy / "rating").mkdir()
+        (copy / "rating" / "report.json").write_text('{"raters": 2}')
+
     monkeypatch.setattr(report, "rating_section", lambda r: f"## Expert rating\n\n{r['raters']} rater(s)\n")
-    matrix = Matrix.load(sweep.parent / "matrix.yaml")
-    write_report(matrix, sweep_plan(matrix, copy), copy)
-    assert "<h2>Expert rating</h2><p>2 rater(s)</p>" in (copy / "report.html").read_text()
+    assert "<h2>Expert rating</h2><p>2 rater(s)</p>" in rewritten(sweep, tmp_path, rate)
     assert "Expert rating" not in (sweep / "report.html").read_text()  # not rated: no section
 
 
