@@ -176,9 +176,11 @@ def rating_section(report: dict) -> str:
         lines += [
             "### Real or synthetic",
             "",
-            "Accuracy: real called real, generated called synthetic (50% is chance for a balanced "
-            "mix; lower is better for the generator). Sensitivity: generated called synthetic; "
-            "specificity: real called real. Pooled counts every answer as a trial.",
+            "Accuracy: real called real, generated called synthetic (lower is better for the "
+            "generators). Sensitivity: generated called synthetic; specificity: real called real. "
+            "With more generated images than real ones, calling everything synthetic scores above 50%: "
+            "read sensitivity and specificity together (their mean is 50% at chance). Pooled counts "
+            "every answer as a trial, though the raters saw the same images.",
             "",
             "| rater | accuracy | sensitivity (synthetic) | specificity |",
             "| --- | --- | --- | --- |",
@@ -193,9 +195,14 @@ def rating_section(report: dict) -> str:
     lines += [
         "### Per source",
         "",
+        "Called synthetic: for the real images the false-alarm rate, for a generated source the rate "
+        "its images were caught (lower is better). Finding agreement: yes/no answers matching what the "
+        "prompt states about the finding asked; unsure answers are counted apart.",
+        "",
         "| source | answers | called synthetic | realism mean (SD), median, n | finding agreement | unsure |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
+    real_split = next(s.get("split") for s in design["sources"] if s["kind"] == REAL)
     for c in report["cells"]:
         realism, finding = c["realism"], c["finding"]
         score = (
@@ -204,7 +211,7 @@ def rating_section(report: dict) -> str:
             if realism["n"]
             else "–"
         )
-        name = f"{c['source']} (real)" if c["kind"] == REAL else c["source"]
+        name = f"real images ({real_split} split)" if c["kind"] == REAL else c["source"]
         lines.append(
             f"| {name} | {c['answers']} | {_share(c['called_synthetic'])} | {score} | "
             f"{_share(finding['agreement'])} | {finding['unsure']}/{finding['asked']} |"
