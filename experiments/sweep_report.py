@@ -121,7 +121,9 @@ def write_report(matrix: Matrix, folders: list, out: Path) -> Path:
         + ", ".join(f"{n} {state}" for state, n in sorted(states.items())),
         "",
         "Intervals, per-label classifier figures and every number's extractor and N are in "
-        "`summary.csv`; each cell's own `metrics/summary.md` has the full evaluation.",
+        "`summary.csv`; each cell's own `metrics/summary.md` has the full evaluation. `report.html` adds "
+        "the images: the same prompts across cells beside real ones, the copying test's closest pairs, "
+        "the loss curves.",
         "",
         table,
         "",
