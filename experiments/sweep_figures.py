@@ -61,7 +61,7 @@ def relative(path: Path, out: Path) -> str:
 
 
 def grid_rows(folders: list, out: Path, n: int = GRID_PROMPTS) -> list[GridRow]:
-    """Prompts 0 .. n - 1 of the cells' sample folders, each cell's first image of each. Cells that
+    """The first `n` prompt indices of the cells' sample folders, each cell's first image of each. Cells that
     sample one split list its distinct prompts in the same order, so a prompt index is the same
     prompt in every cell, written into each cell's own template."""
     manifests = {
@@ -82,11 +82,11 @@ def grid_rows(folders: list, out: Path, n: int = GRID_PROMPTS) -> list[GridRow]:
                 continue
             image = images.iloc[0]
             if not (folder.samples / image["path"]).is_file():
-                cells.append(GridCell(None, missing=f"{image['path']} is missing"))
+                cells.append(GridCell(None, prompt=image["prompt"], missing=f"{image['path']} is missing"))
                 continue
             seed = int(image["seed"]) if "seed" in images and image["seed"] != "" else None
             cells.append(GridCell(relative(folder.samples / image["path"], out), seed, image["prompt"]))
-        texts = Counter(c.prompt for c in cells if c.path)
+        texts = Counter(c.prompt for c in cells if c.prompt)  # one at least: the index is in a manifest
         rows.append(GridRow(index, texts.most_common(1)[0][0], cells))
     return rows
 

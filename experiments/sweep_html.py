@@ -182,12 +182,8 @@ def rating_section(out: Path) -> str:
     path = out / "rating" / "report.json"
     if not path.is_file():
         return ""
-    try:
-        from evaluation.rating.report import rating_section as markdown
-    except ImportError:  # a sweep folder rated by a newer medsd than this one
-        return (
-            "<h2>Expert rating</h2><p class='note'>rating/report.json exists; this medsd cannot read it.</p>"
-        )
+    from evaluation.rating.report import rating_section as markdown  # only for a rated sweep
+
     return markdown_html(markdown(json.loads(path.read_text())))
 
 

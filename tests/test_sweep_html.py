@@ -203,6 +203,17 @@ def test_a_split_that_cannot_be_rebuilt_leaves_the_real_column_empty_and_says_wh
     assert all(not row[1][1] and row[2][1] for row in grid(page)[1:])  # no real image; the cells' still
 
 
+def test_a_missing_image_is_named_in_its_place(sweep, tmp_path):
+    image = "strategy-unet/samples/images/000000_00.png"
+    text = rewritten(sweep, tmp_path, lambda copy: (copy / image).unlink())
+    page = Page()
+    page.feed(text)
+    row = grid(page)[1]
+    unet_text, unet_images = row[2]
+    assert not unet_images and "images/000000_00.png is missing" in unet_text
+    assert row[3][1] == ["strategy-lora/samples/images/000000_00.png"]  # the other cells unchanged
+
+
 def test_text_is_escaped(sweep, tmp_path):
     manifest = Path("strategy-unet/samples/manifest.csv")
     text = rewritten(
