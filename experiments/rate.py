@@ -3,15 +3,17 @@
     medsd rate serve --db study.sqlite --config RUN.yaml [--data.init_args.root DIR] --real-split test
         (--samples DIR [DIR ...] | --sweep SWEEP) --raters alice,bob [--per-source 20]
         [--questions turing,realism,finding,comment] [--prompt hidden|shown] [--finding NAME]
-        [--seed 0] [--image-size 512] [--color auto|gray|rgb] [--host 127.0.0.1] [--port 8765]
+        [--real-count N] [--seed 0] [--image-size 512] [--color auto|gray|rgb]
+        [--host 127.0.0.1] [--port 8765]
     medsd rate serve --db study.sqlite          # serve an existing study again: everyone resumes
     medsd rate report --db study.sqlite [--out DIR]
 
 `serve` creates the study on its first run (evaluation/rating/study.py): `--per-source` images are
-drawn from each source, the real split (a `medsd fit` config's DataModule) and each generated
-source (a `medsd sample` folder, or every cell of a sweep whose sampling has finished), with the
-seed; all are re-encoded alike and stored in the study file, and every rater gets the same images
-in an order of their own. It prints one link per rater, `http://HOST:PORT/r/<token>`, the same
+drawn from each generated source (a `medsd sample` folder, or every cell of a sweep whose sampling
+has finished) and `--real-count` from the real split (a `medsd fit` config's DataModule; by
+default as many as the generated images together, so that the mix is half real), with the seed;
+all are re-encoded alike and stored in the study file, and every rater gets the same images in an
+order of their own. It prints one link per rater, `http://HOST:PORT/r/<token>`, the same
 links on every later run. The questions: `turing` (real or synthetic?), `realism` (1-5),
 `finding` ("does the image show <finding>?", yes / no / unsure: `--finding NAME` for every image,
 else each image's first positive label), `comment` (free text); `--prompt shown` shows each
@@ -40,7 +42,9 @@ from .sweep import CellFolder
 
 # The design options of `serve` (by their argparse names): None when not given, so that a rerun
 # on an existing study compares only what it was given.
-DESIGN_OPTIONS = ("raters", "questions", "prompt", "seed", "per_source", "finding", "image_size", "color")
+DESIGN_OPTIONS = (
+    "raters", "questions", "prompt", "seed", "per_source", "real_count", "finding", "image_size", "color"
+)  # fmt: skip
 
 
 def sweep_sample_folders(sweep: str | Path) -> dict[str, Path]:
@@ -131,7 +135,10 @@ def serve(argv: list[str]) -> None:
     parser.add_argument("--real-split", help="the split of the config's DataModule; new study: test")
     parser.add_argument("--raters", help="comma-separated rater names")
     parser.add_argument(
-        "--per-source", type=int, help="images drawn from each source, the real split too; new study: 20"
+        "--per-source", type=int, help="images drawn from each generated source; new study: 20"
+    )
+    parser.add_argument(
+        "--real-count", type=int, help="real images drawn; new study: as many as the generated ones (50/50)"
     )
     parser.add_argument("--questions", help=f"comma-separated, of {','.join(QUESTIONS)}; new study: all")
     parser.add_argument(

@@ -116,9 +116,9 @@ RATERS = ["alice", "bob", "carol"]
 def make_study(tmp_path, raters=RATERS, per_source=4, **design) -> Study:
     """Real images (grayscale, 40 x 32, named real_*.png) and two generated sources (RGB squares)."""
     real = []
-    for i in range(6):
+    for i in range(10):
         path = write_image(tmp_path / "dataset" / f"real_{i}.png", i, mode="L", note="real acquired")
-        real.append(Candidate(str(path), f"report {i}", ({EFFUSION: 1.0 if i < 3 else 0.0},), str(path)))
+        real.append(Candidate(str(path), f"report {i}", ({EFFUSION: 1.0 if i < 5 else 0.0},), str(path)))
     candidates = {"real": real}
     for seed, name in enumerate(["cell-lora", "cell-full"], start=1):
         candidates[name] = generated_candidates(write_sample_folder(tmp_path / name, 5, seed))
@@ -164,8 +164,8 @@ def test_every_rater_gets_the_same_images_in_an_order_of_their_own(tmp_path):
         order = "SELECT item FROM queue WHERE rater = ? ORDER BY position"
         queues = {r: [i for (i,) in db.execute(order, (r,))] for r in RATERS}
         sources = dict(db.execute("SELECT source, COUNT(*) FROM items GROUP BY source").fetchall())
-    assert sources == {"real": 4, "cell-lora": 4, "cell-full": 4}
-    assert all(sorted(q) == list(range(12)) for q in queues.values())
+    assert sources == {"real": 8, "cell-lora": 4, "cell-full": 4}  # half real by default
+    assert all(sorted(q) == list(range(16)) for q in queues.values())
     assert len({tuple(q) for q in queues.values()}) == 3
     tokens = [token for _, token in study.raters()]
     assert len(set(tokens)) == 3 and all(len(t) >= 20 for t in tokens)
@@ -201,9 +201,9 @@ def test_answers_survive_a_reopen_and_the_rater_resumes_where_they_stopped(tmp_p
     again = client.post(f"/r/{token}/answer/{answered[0]}", data={"turing": "synthetic", "realism": "1"})
     assert again.status_code == 303  # a resubmitted form keeps the first answers
     reopened = create_app(Study(study.path)).test_client()
-    assert "Image 4 of 12 for alice" in reopened.get(f"/r/{token}").get_data(as_text=True)
+    assert "Image 4 of 16 for alice" in reopened.get(f"/r/{token}").get_data(as_text=True)
     assert current_opaque(reopened, token) not in answered
-    assert "Image 1 of 12 for bob" in reopened.get(f"/r/{other}").get_data(as_text=True)
+    assert "Image 1 of 16 for bob" in reopened.get(f"/r/{other}").get_data(as_text=True)
     with sqlite3.connect(study.path) as db:
         rows = db.execute("SELECT turing, realism, finding FROM answers WHERE rater = ?", (name,)).fetchall()
     assert len(rows) == 3 and rows[0][:2] == ("real", 4)
@@ -263,7 +263,7 @@ def test_an_incomplete_answer_is_refused_and_not_recorded(tmp_path):
     opaque = current_opaque(client, token)
     reply = client.post(f"/r/{token}/answer/{opaque}", data={"turing": "real", "realism": "7"})
     assert reply.status_code == 400 and "realism: answer one of 1, 2, 3, 4, 5" in reply.get_data(as_text=True)
-    assert study.progress("alice") == (0, 12)
+    assert study.progress("alice") == (0, 16)
 
 
 def answer_all(study: Study, rng) -> dict:
@@ -289,13 +289,20 @@ def test_the_report_equals_a_hand_count_of_the_answers(tmp_path):
     for row in report["turing"][:3]:  # per rater
         mine = [(about[row["rater"]][o][0], a["turing"]) for o, a in given[row["rater"]].items()]
         correct = sum((kind, guess) in {("real", "real"), ("generated", "synthetic")} for kind, guess in mine)
-        assert (row["accuracy"]["k"], row["accuracy"]["n"]) == (correct, 12)
+        assert (row["accuracy"]["k"], row["accuracy"]["n"]) == (correct, 16)
         synthetic = [guess for kind, guess in mine if kind == "generated"]
         assert (row["sensitivity"]["k"], row["sensitivity"]["n"]) == (synthetic.count("synthetic"), 8)
         real = [guess for kind, guess in mine if kind == "real"]
-        assert (row["specificity"]["k"], row["specificity"]["n"]) == (real.count("real"), 4)
+        assert (row["specificity"]["k"], row["specificity"]["n"]) == (real.count("real"), 8)
+    with sqlite3.connect(study.path) as db:
+        query = "SELECT a.answered_at - q.shown_at FROM answers a JOIN queue q USING (rater, position) "
+        query += "WHERE a.rater = ?"
+        for row in report["progress"]:
+            seconds = [t for (t,) in db.execute(query, (row["rater"],))]
+            assert (row["answered"], row["queued"]) == (16, 16)
+            assert row["median_seconds"] == pytest.approx(np.median(seconds))
     pooled = report["turing"][3]
-    assert pooled["rater"] == "pooled" and pooled["accuracy"]["n"] == 36
+    assert pooled["rater"] == "pooled" and pooled["accuracy"]["n"] == 48
     assert pooled["accuracy"]["k"] == sum(r["accuracy"]["k"] for r in report["turing"][:3])
 
     for cell in report["cells"]:
@@ -310,7 +317,8 @@ def test_the_report_equals_a_hand_count_of_the_answers(tmp_path):
         assert cell["finding"]["agreement"]["n"] == len(decided)
         assert cell["finding"]["agreement"]["k"] == sum((f == "yes") == bool(t) for t, f in decided)
         called = sum(a["turing"] == "synthetic" for _, a in answers)
-        assert (cell["called_synthetic"]["k"], cell["called_synthetic"]["n"]) == (called, 12)
+        assert (cell["called_synthetic"]["k"], cell["called_synthetic"]["n"]) == (called, len(answers))
+        assert len(answers) == 3 * (8 if cell["kind"] == "real" else 4)
 
     inter_rater = pytest.importorskip("statsmodels.stats.inter_rater")
     by_item = {}
@@ -321,7 +329,7 @@ def test_the_report_equals_a_hand_count_of_the_answers(tmp_path):
             by_item.setdefault(item_of[opaque], []).append(form["turing"])
     table, _ = inter_rater.aggregate_raters(np.array([by_item[i] for i in sorted(by_item)]))
     (turing,) = [a for a in report["agreement"] if a["question"] == "turing"]
-    assert turing["method"] == "Fleiss' kappa" and turing["items"] == 12
+    assert turing["method"] == "Fleiss' kappa" and turing["items"] == 16
     assert turing["kappa"] == pytest.approx(inter_rater.fleiss_kappa(table, method="fleiss"))
 
 
@@ -347,7 +355,7 @@ def test_two_raters_agreement_is_cohens_kappa_and_the_report_is_written(tmp_path
     section = rating_section(report)
     assert section.startswith("## Expert rating") and (out / "report.md").read_text() == section
     alice = report["turing"][0]["accuracy"]
-    assert f"{alice['k']}/12" in section and "Cohen's kappa" in section and "cell-lora" in section
+    assert f"{alice['k']}/16" in section and "Cohen's kappa" in section and "cell-lora" in section
 
 
 # --- the command and bad input ------------------------------------------------------------------
@@ -394,6 +402,8 @@ def test_an_empty_split_and_too_few_images_are_refused(tmp_path):
     with pytest.raises(ValueError, match="the 'test' split has no records"):
         real_candidates([], "test")
     with pytest.raises(ValueError, match=r"source 'cell-lora' has 5 images, fewer than per_source \(6\)"):
+        make_study(tmp_path, per_source=6, real_count=4)
+    with pytest.raises(ValueError, match=r"source 'real' has 10 images, fewer than real_count \(12\)"):
         make_study(tmp_path, per_source=6)
     assert not (tmp_path / "study.sqlite").exists()
 

@@ -104,6 +104,14 @@ def agreement_rows(answers: list[dict], raters: list[str]) -> list[dict]:
     return rows
 
 
+def progress_row(study: Study, rater: str, answers: list[dict]) -> dict:
+    """A rater's answered and queued images, and the median seconds from an image shown to answered."""
+    answered, queued = study.progress(rater)
+    seconds = [a["seconds"] for a in answers if a["seconds"] is not None]
+    median = statistics.median(seconds) if seconds else None
+    return {"rater": rater, "answered": answered, "queued": queued, "median_seconds": median}
+
+
 def build_report(study: Study) -> dict:
     answers = study.answers()
     raters = [name for name, _ in study.raters()]
@@ -111,10 +119,9 @@ def build_report(study: Study) -> dict:
     return {
         "study": str(study.path),
         "design": design.as_dict(),
+        "real_images": design.real_images(),
         "interval": f"{INTERVAL_METHOD}, {LEVEL:.0%}",
-        "progress": [
-            dict(rater=r, **dict(zip(("answered", "queued"), study.progress(r), strict=True))) for r in raters
-        ],
+        "progress": [progress_row(study, r, [a for a in answers if a["rater"] == r]) for r in raters],
         "turing": [turing_row(r, [a for a in answers if a["rater"] == r]) for r in raters]
         + [turing_row("pooled", answers)],
         "cells": [
@@ -163,11 +170,15 @@ def _number(value, digits: int = 2) -> str:
 def rating_section(report: dict) -> str:
     """The study as a markdown section (`## Expert rating`), for a sweep report to include."""
     design = report["design"]
-    progress = ", ".join(f"{p['rater']} {p['answered']}/{p['queued']}" for p in report["progress"])
+    progress = ", ".join(
+        f"{p['rater']} {p['answered']}/{p['queued']} (median {_number(p['median_seconds'], 1)} s an image)"
+        for p in report["progress"]
+    )
     lines = [
         "## Expert rating",
         "",
-        f"{len(design['raters'])} rater(s), {design['per_source']} images per source, blinded and shuffled "
+        f"{len(design['raters'])} rater(s); {design['per_source']} images of each generated source and "
+        f"{report['real_images']} real ones, blinded and shuffled "
         f"(seed {design['seed']}); prompt {design['prompt']}; questions: {', '.join(design['questions'])}. "
         f"Answered: {progress}. Intervals: {report['interval']}.",
         "",

@@ -82,6 +82,7 @@ class Design:
     prompt: str = "hidden"
     seed: int = 0
     per_source: int = 20
+    real_count: int | None = None  # None: as many real images as generated ones (a 50/50 mix)
     finding: str | None = None
     image_size: int = 512
     color: str = "auto"
@@ -96,8 +97,12 @@ class Design:
             raise ValueError(f"color {self.color!r}: one of {', '.join(COLORS)}")
         if not self.raters or len(set(self.raters)) != len(self.raters) or not all(self.raters):
             raise ValueError(f"raters {self.raters}: give one or more distinct names")
-        if self.per_source < 1 or self.image_size < 8:
-            raise ValueError("per_source must be >= 1 and image_size >= 8")
+        if (
+            self.per_source < 1
+            or (self.real_count is not None and self.real_count < 1)
+            or self.image_size < 8
+        ):
+            raise ValueError("per_source and real_count must be >= 1, image_size >= 8")
         names = [s["name"] for s in self.sources]
         if len(set(names)) != len(names):
             raise ValueError(f"two sources share a name: {names}")
@@ -106,6 +111,9 @@ class Design:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def real_images(self) -> int:
+        return self.real_count or self.per_source * (len(self.sources) - 1)
 
     def differences(self, given: dict) -> list[str]:
         """How the settings `given` (a subset of the design's fields) differ from this design."""
@@ -237,16 +245,18 @@ CREATE TABLE answers (rater TEXT NOT NULL, position INTEGER NOT NULL, turing TEX
 
 
 def draw(design: Design, candidates: dict[str, list[Candidate]]) -> list[tuple[str, Candidate]]:
-    """`per_source` candidates of each source, drawn with the study's seed: (source, candidate)."""
+    """`per_source` candidates of each generated source and `real_count` real ones (by default as
+    many as all generated ones together), drawn with the study's seed: (source, candidate)."""
     drawn = []
     for source in design.sources:
         offered = candidates.get(source["name"], [])
-        if len(offered) < design.per_source:
+        wanted = design.per_source if source["kind"] != REAL else design.real_images()
+        if len(offered) < wanted:
+            setting = "real_count" if source["kind"] == REAL else "per_source"
             raise ValueError(
-                f"source {source['name']!r} has {len(offered)} images, fewer than per_source "
-                f"({design.per_source})"
+                f"source {source['name']!r} has {len(offered)} images, fewer than {setting} ({wanted})"
             )
-        chosen = random.Random(f"{design.seed}/items/{source['name']}").sample(offered, design.per_source)
+        chosen = random.Random(f"{design.seed}/items/{source['name']}").sample(offered, wanted)
         drawn += [(source["name"], c) for c in chosen]
     return drawn
 
