@@ -28,6 +28,7 @@ from datamodules.atomic import write_atomically
 from evaluation.metrics.copying import METRIC as COPYING
 
 from . import sweep_figures
+from .sweep_figures import relative
 from .sweep_report import headline_numbers
 
 STYLE = """
@@ -197,8 +198,10 @@ def markdown_html(text: str) -> str:
                 table.append(line.strip().strip("|").split("|"))
             continue
         if table:
-            rows = [[f"<td>{_text(c.strip())}</td>" for c in row] for row in table]
-            parts.append("<table>" + "".join(f"<tr>{''.join(r)}</tr>" for r in rows) + "</table>")
+            cells = [[_text(c.strip()) for c in row] for row in table]
+            head = "".join(f"<th>{c}</th>" for c in cells[0])  # a pipe table's first row is its header
+            body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in cells[1:])
+            parts.append(f"<table><tr>{head}</tr>{body}</table>")
             table = []
         if line.startswith("#"):
             level = min(len(line) - len(line.lstrip("#")), 6)
@@ -206,10 +209,6 @@ def markdown_html(text: str) -> str:
         elif line.strip():
             parts.append(f"<p>{_text(line)}</p>")
     return "".join(parts)
-
-
-def relative(path: Path, out: Path) -> str:
-    return sweep_figures.relative(path, out)
 
 
 def _number(row: pd.Series) -> str:

@@ -240,7 +240,7 @@ def test_markdown_sections_become_escaped_html():
     text = "## Rating <x>\n\nOne & two.\n\n| a | b |\n| --- | --- |\n| 1 | <i> |\n"
     assert markdown_html(text) == (
         "<h2>Rating &lt;x&gt;</h2><p>One &amp; two.</p>"
-        "<table><tr><td>a</td><td>b</td></tr><tr><td>1</td><td>&lt;i&gt;</td></tr></table>"
+        "<table><tr><th>a</th><th>b</th></tr><tr><td>1</td><td>&lt;i&gt;</td></tr></table>"
     )
 
 
