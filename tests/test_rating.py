@@ -256,6 +256,21 @@ def test_pages_do_not_tell_real_from_generated(tmp_path):
     assert asked == {("real", True), ("real", False), ("generated", True), ("generated", False)}
 
 
+def test_a_shown_prompt_is_on_the_page_as_text(tmp_path):
+    study = make_study(tmp_path, prompt="shown")
+    name, token = study.raters()[0]
+    with sqlite3.connect(study.path) as db:
+        db.execute("UPDATE items SET prompt = '<b>effusion</b> & more' WHERE kind = 'real'")
+        prompts = dict(db.execute("SELECT q.opaque, i.prompt FROM queue q JOIN items i ON i.id = q.item"))
+    client = create_app(study).test_client()
+    while (opaque := current_opaque(client, token)) is not None:
+        html = client.get(f"/r/{token}").get_data(as_text=True)
+        escaped = prompts[opaque].replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        assert f'<p id="prompt">Prompt: {escaped}</p>' in html
+        client.post(f"/r/{token}/answer/{opaque}", data={"turing": "real", "realism": "2", "finding": "no"})
+    assert study.progress(name) == (16, 16)
+
+
 def test_an_incomplete_answer_is_refused_and_not_recorded(tmp_path):
     study = make_study(tmp_path)
     _, token = study.raters()[0]
