@@ -66,6 +66,15 @@ def test_cohen_kappa_equals_scikit_learn():
         assert cohen_kappa(first, second) == pytest.approx(cohen_kappa_score(first, second))
 
 
+def test_quadratic_weighted_kappa_equals_scikit_learn():
+    rng = np.random.default_rng(6)
+    first = list(rng.integers(1, 6, 40))
+    second = [int(np.clip(a + rng.integers(-1, 2), 1, 5)) for a in first]
+    expected = cohen_kappa_score(first, second, labels=[1, 2, 3, 4, 5], weights="quadratic")
+    assert cohen_kappa(first, second, scale=(1, 2, 3, 4, 5)) == pytest.approx(expected)
+    assert cohen_kappa(first, second, scale=(1, 2, 3, 4, 5)) > cohen_kappa(first, second)  # near misses
+
+
 def test_cohen_kappa_of_independent_raters_is_zero_on_average():
     """Two raters answering independently agree only by chance: kappa's expectation is 0."""
     rng = np.random.default_rng(2)
@@ -353,12 +362,15 @@ def test_two_raters_agreement_is_cohens_kappa_and_the_report_is_written(tmp_path
     given = answer_all(study, np.random.default_rng(5))
     with sqlite3.connect(study.path) as db:
         item_of = dict(db.execute("SELECT opaque, item FROM queue").fetchall())
-    realism = {r: {item_of[o]: a["realism"] for o, a in given[r].items()} for r in ("alice", "bob")}
+    realism = {r: {item_of[o]: int(a["realism"]) for o, a in given[r].items()} for r in ("alice", "bob")}
     items = sorted(realism["alice"])
     expected = cohen_kappa_score([realism["alice"][i] for i in items], [realism["bob"][i] for i in items])
     report = build_report(study)
-    (row,) = [a for a in report["agreement"] if a["question"] == "realism"]
-    assert row["method"] == "Cohen's kappa" and row["kappa"] == pytest.approx(expected)
+    rows = {a["method"]: a["kappa"] for a in report["agreement"] if a["question"] == "realism"}
+    assert rows["Cohen's kappa"] == pytest.approx(expected)
+    first, second = [realism["alice"][i] for i in items], [realism["bob"][i] for i in items]
+    weighted = cohen_kappa_score(first, second, labels=[1, 2, 3, 4, 5], weights="quadratic")
+    assert rows["Cohen's kappa, quadratic weights"] == pytest.approx(weighted)
 
     out = tmp_path / "report"
     write_report(report, out)

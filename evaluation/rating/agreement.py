@@ -5,7 +5,7 @@
   accuracy and any number of answers (Wilson's dips below it at some n and p): a Turing-test
   accuracy is often near 50% or near 100% with a few dozen answers, where that matters.
 - `cohen_kappa`: two raters' agreement on the same items beyond what their own answer rates give
-  by chance (Cohen 1960).
+  by chance (Cohen 1960), with quadratic weights on an ordinal scale (Cohen 1968).
 - `fleiss_kappa`: the same for three or more raters (Fleiss 1971), from the table of how many
   raters put each item in each category.
 """
@@ -30,21 +30,28 @@ def clopper_pearson(successes: int, n: int, level: float = 0.95) -> tuple[float,
     return low, high
 
 
-def cohen_kappa(first: Sequence, second: Sequence) -> float:
+def cohen_kappa(first: Sequence, second: Sequence, scale: Sequence | None = None) -> float:
     """Cohen's kappa of two raters' answers on the same items (in the same order); nan when chance
-    agreement is complete (both raters gave one and the same answer throughout)."""
+    agreement is complete (both raters gave one and the same answer throughout).
+
+    scale: the ordered categories of an ordinal question (realism's 1..5): disagreements then
+    weigh by the squared distance on that scale (quadratic weights), so that 4 against 5 costs
+    less than 1 against 5; None: nominal categories, every disagreement alike."""
     if len(first) != len(second):
         raise ValueError(f"the raters answered different numbers of items ({len(first)}, {len(second)})")
     if not first:
         return float("nan")
-    categories = sorted(set(first) | set(second), key=str)
+    categories = list(scale) if scale is not None else sorted(set(first) | set(second), key=str)
     a = np.array([categories.index(x) for x in first])
     b = np.array([categories.index(x) for x in second])
-    observed = float(np.mean(a == b))
-    rate_a = np.bincount(a, minlength=len(categories)) / len(a)
-    rate_b = np.bincount(b, minlength=len(categories)) / len(b)
-    expected = float(rate_a @ rate_b)
-    return float("nan") if expected == 1.0 else (observed - expected) / (1.0 - expected)
+    k = len(categories)
+    observed = np.zeros((k, k))
+    np.add.at(observed, (a, b), 1.0 / len(a))
+    expected = np.outer(observed.sum(axis=1), observed.sum(axis=0))
+    index = np.arange(k)
+    weights = (index[:, None] - index[None, :]) ** 2 if scale is not None else 1 - np.eye(k)
+    chance = float((weights * expected).sum())
+    return float("nan") if chance == 0.0 else 1.0 - float((weights * observed).sum()) / chance
 
 
 def category_counts(answers: Sequence[Sequence]) -> np.ndarray:

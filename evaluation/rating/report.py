@@ -10,7 +10,8 @@
   agreement: of the answers "yes" / "no" about the finding asked, the share matching what the
   prompt states (unsure answers and findings the prompt leaves uncertain counted apart).
 - Inter-rater agreement on each question, over the images every rater answered: Cohen's kappa
-  for two raters, Fleiss' kappa for more (realism unweighted, as five categories).
+  for two raters (for realism also with quadratic weights, as an ordinal scale), Fleiss' kappa
+  for more (realism as five unordered categories).
 
 `write_report` writes report.json, turing.csv, cells.csv, agreement.csv, answers.csv and
 report.md (the markdown section `rating_section` returns), each atomically.
@@ -30,6 +31,7 @@ from .agreement import INTERVAL_METHOD, category_counts, clopper_pearson, cohen_
 from .study import REAL, Study
 
 LEVEL = 0.95
+REALISM_SCALE = (1, 2, 3, 4, 5)
 
 
 def proportion(successes: int, n: int) -> dict:
@@ -93,14 +95,17 @@ def agreement_rows(answers: list[dict], raters: list[str]) -> list[dict]:
         if not common:
             continue
         if len(raters) == 2:
-            method = "Cohen's kappa"
-            kappa = cohen_kappa([row[raters[0]] for row in common], [row[raters[1]] for row in common])
+            pairs = [row[raters[0]] for row in common], [row[raters[1]] for row in common]
+            kappas = {"Cohen's kappa": cohen_kappa(*pairs)}
+            if question == "realism":
+                kappas["Cohen's kappa, quadratic weights"] = cohen_kappa(*pairs, scale=REALISM_SCALE)
         else:
-            method = "Fleiss' kappa"
-            kappa = fleiss_kappa(category_counts([[row[r] for r in raters] for row in common]))
-        kappa = None if kappa != kappa else kappa  # nan: all answers alike, kappa undefined
-        rows.append({"question": question, "method": method, "raters": len(raters), "items": len(common),
-                     "kappa": kappa})  # fmt: skip
+            table = category_counts([[row[r] for r in raters] for row in common])
+            kappas = {"Fleiss' kappa": fleiss_kappa(table)}
+        for method, kappa in kappas.items():
+            kappa = None if kappa != kappa else kappa  # nan: all answers alike, kappa undefined
+            rows.append({"question": question, "method": method, "raters": len(raters), "items": len(common),
+                         "kappa": kappa})  # fmt: skip
     return rows
 
 
