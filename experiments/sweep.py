@@ -16,7 +16,8 @@ Each cell (see `experiments.matrix`) gets a folder under `--out` (default `runs/
                           protocol needs), when the matrix has them; <cell>/metrics/ `medsd evaluate`
     <cell>/logs/<stage>.log
 
-Stages run as subprocesses (`python -m experiments.cli STAGE ...`), so a crashing cell cannot take
+Stages run as processes of their own (`medsd STAGE ...`, forked from a process that has imported
+the libraries once where no GPU is visible: experiments.stage_process), so a crashing cell cannot take
 the sweep down and each cell's Trainer does its own DDP over the GPUs it sees. A rerun skips done
 cells, continues an interrupted cell from its first unfinished stage (the fit from its last
 checkpoint, sampling from the images it has), and leaves failed cells alone unless
@@ -34,9 +35,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,8 +43,8 @@ from datamodules.atomic import write_atomically
 
 from .cli import command_parser
 from .matrix import Cell, Matrix
-from .parent_death import child_environment
 from .run_lock import FolderInUse, RunLock
+from .stage_process import run_medsd
 
 log = logging.getLogger(__name__)
 
@@ -228,22 +226,14 @@ def run_stages(
 
 
 def run_stage(args: list[str], log_path: Path, env: dict | None = None) -> str | None:
-    """Run `medsd ARGS` in a subprocess that dies with this one, appending to `log_path`; None on
-    success, else the error."""
+    """Run `medsd ARGS` in a process of its own that dies with this one (experiments.stage_process),
+    appending to `log_path`; None on success, else the error."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "a") as out:
-        out.write(f"\n$ medsd {' '.join(args)}\n")
-        out.flush()
-        result = subprocess.run(
-            [sys.executable, "-m", "experiments.cli", *args],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {}), **child_environment()},
-        )
-    if result.returncode == 0:
+    returncode = run_medsd(args, log_path, env)
+    if returncode == 0:
         return None
     tail = log_path.read_text().strip().splitlines()[-3:]
-    return f"exit code {result.returncode}: {' | '.join(tail)}"
+    return f"exit code {returncode}: {' | '.join(tail)}"
 
 
 def plan(matrix: Matrix, out: Path) -> list[CellFolder]:
