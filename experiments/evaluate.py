@@ -281,6 +281,12 @@ def build_parser():
         help="resamples per interval (FID: half-samples; 0: no intervals)",
     )
     parser.add_argument("--seed", type=int, default=0, help="for KID subsets, bootstraps and classifiers")
+    parser.add_argument(
+        "--cross-prompt-pairs",
+        type=int,
+        default=1000,
+        help="random image pairs of different prompts for the cross-prompt MS-SSIM (the diversity floor)",
+    )
     classifier = parser.add_argument_group("classifier protocols (need a config with labelled splits)")
     classifier.add_argument("--classifier", choices=[*ARCHS, "none"], default="densenet121")
     classifier.add_argument(

@@ -46,7 +46,7 @@ def evaluated(tmp_path_factory):
     ).to_csv(generated / "manifest.csv", index=False)
     medsd(["evaluate", "--generated", str(generated), "--real-folder", str(root / "real"),
            "--extractors", "inception", "xrv", "--inception-weights", str(weights),
-           "--xrv-weights-dir", str(root / "no-xrv"), "--bootstrap", "2"])  # fmt: skip
+           "--xrv-weights-dir", str(root / "no-xrv"), "--bootstrap", "2", "--cross-prompt-pairs", "7"])  # fmt: skip
     return root, weights, json.loads((generated / "metrics" / "metrics.json").read_text())
 
 
@@ -85,6 +85,7 @@ def test_missing_weights_skip_only_their_metrics(evaluated):
     assert "xrv features" in result["skipped"] and "densenet121" in result["skipped"]["xrv features"]
     intra = metric(result, "ms_ssim_intra_prompt")
     assert intra["prompts"] == 3 and intra["pairs"] == 18
+    assert metric(result, "ms_ssim_cross_prompt")["pairs"] == 7  # --cross-prompt-pairs
 
 
 def test_outputs_are_written(evaluated):
