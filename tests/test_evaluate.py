@@ -46,7 +46,8 @@ def evaluated(tmp_path_factory):
     ).to_csv(generated / "manifest.csv", index=False)
     medsd(["evaluate", "--generated", str(generated), "--real-folder", str(root / "real"),
            "--extractors", "inception", "xrv", "--inception-weights", str(weights),
-           "--xrv-weights-dir", str(root / "no-xrv"), "--bootstrap", "2", "--cross-prompt-pairs", "7"])  # fmt: skip
+           "--xrv-weights-dir", str(root / "no-xrv"), "--bootstrap", "2",
+           "--cross-prompt-pairs", "7"])  # fmt: skip
     return root, weights, json.loads((generated / "metrics" / "metrics.json").read_text())
 
 

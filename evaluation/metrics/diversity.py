@@ -23,8 +23,9 @@ def compute(context: EvaluationContext) -> list[dict]:
         intra = intra_prompt_diversity(pairs)
         rows.append({"metric": "ms_ssim_intra_prompt", "value": intra.pop("ms_ssim"), **intra, **label})
     if len(groups) >= 2:
-        pairs = context.args.cross_prompt_pairs
-        cross = cross_prompt_diversity([images[rows_] for rows_ in groups], pairs=pairs, seed=context.args.seed)
+        every_prompt = [images[rows_] for rows_ in groups]
+        pairs, seed = context.args.cross_prompt_pairs, context.args.seed
+        cross = cross_prompt_diversity(every_prompt, pairs=pairs, seed=seed)
         rows.append({"metric": "ms_ssim_cross_prompt", "value": cross.pop("ms_ssim"), **cross, **label})
     return rows
 
