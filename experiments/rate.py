@@ -3,7 +3,7 @@
     medsd rate serve --db study.sqlite --config RUN.yaml [--data.init_args.root DIR] --real-split test
         (--samples DIR [DIR ...] | --sweep SWEEP) --raters alice,bob [--per-source 20]
         [--questions turing,realism,finding,comment] [--prompt hidden|shown] [--finding NAME]
-        [--real-count N] [--seed 0] [--image-size 512] [--color auto|gray|rgb]
+        [--real-count N] [--repeats 0] [--seed 0] [--image-size 512] [--color auto|gray|rgb]
         [--host 127.0.0.1] [--port 8765]
     medsd rate serve --db study.sqlite          # serve an existing study again: everyone resumes
     medsd rate report --db study.sqlite [--out DIR]
@@ -13,11 +13,12 @@ drawn from each generated source (a `medsd sample` folder, or every cell of a sw
 has finished) and `--real-count` from the real split (a `medsd fit` config's DataModule; by
 default as many as the generated images together, so that the mix is half real), with the seed;
 all are re-encoded alike and stored in the study file, and every rater gets the same images in an
-order of their own. It prints one link per rater, `http://HOST:PORT/r/<token>`, the same
-links on every later run. The questions: `turing` (real or synthetic?), `realism` (1-5),
-`finding` ("does the image show <finding>?", yes / no / unsure: `--finding NAME` for every image,
-else each image's first positive label), `comment` (free text); `--prompt shown` shows each
-image's prompt. The server listens on 127.0.0.1 unless `--host` says otherwise.
+order of their own (`--repeats N` of them twice, for intra-rater agreement). It prints one link
+per rater, `http://HOST:PORT/r/<token>`, the same links on every later run. The questions:
+`turing` (real or synthetic?), `realism` (1-5), `finding` ("does the image show <finding>?",
+yes / no / unsure: `--finding NAME` for every image, else each image's first positive label),
+`comment` (free text); `--prompt shown` shows each image's prompt. The server listens on
+127.0.0.1 unless `--host` says otherwise.
 
 A later `serve` on the same file resumes it; design options given then must match the stored
 design, or it refuses, naming each difference (a new design needs a new --db). One server per
@@ -43,7 +44,8 @@ from .sweep import CellFolder
 # The design options of `serve` (by their argparse names): None when not given, so that a rerun
 # on an existing study compares only what it was given.
 DESIGN_OPTIONS = (
-    "raters", "questions", "prompt", "seed", "per_source", "real_count", "finding", "image_size", "color"
+    "raters", "questions", "prompt", "seed", "per_source", "real_count", "repeats", "finding", "image_size",
+    "color",
 )  # fmt: skip
 
 
@@ -139,6 +141,9 @@ def serve(argv: list[str]) -> None:
     )
     parser.add_argument(
         "--real-count", type=int, help="real images drawn; new study: as many as the generated ones (50/50)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, help="images each rater sees twice, for intra-rater agreement; new study: 0"
     )
     parser.add_argument("--questions", help=f"comma-separated, of {','.join(QUESTIONS)}; new study: all")
     parser.add_argument(

@@ -55,9 +55,16 @@ def browser(tmp_path_factory):
         driver.quit()
 
 
-def image_load_failures(driver) -> list[str]:
-    """The src of each <img> of the current page that did not load (naturalWidth 0 once loaded)."""
+def image_load_failures(driver, timeout: float = 30) -> list[str]:
+    """The src of each <img> of the current page that failed to load: naturalWidth 0 once every
+    image has finished loading or failing (waited for up to `timeout` seconds)."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, timeout).until(
+        lambda d: d.execute_script(
+            "return document.readyState === 'complete' && Array.from(document.images).every(i => i.complete);"
+        )
+    )
     return driver.execute_script(
-        "return Array.from(document.images)"
-        ".filter(img => !(img.complete && img.naturalWidth > 0)).map(img => img.src);"
+        "return Array.from(document.images).filter(img => img.naturalWidth === 0).map(img => img.src);"
     )

@@ -377,12 +377,45 @@ def test_two_raters_agreement_is_cohens_kappa_and_the_report_is_written(tmp_path
     assert json.loads((out / "report.json").read_text())["agreement"] == json.loads(
         json.dumps(report["agreement"])
     )
-    assert {p.name for p in out.iterdir()} == {"report.json", "report.md", "turing.csv", "cells.csv",
-                                                "agreement.csv", "answers.csv"}  # fmt: skip
+    tables = {f"{name}.csv" for name in ("turing", "cells", "agreement", "intra_rater", "answers")}
+    assert {p.name for p in out.iterdir()} == {"report.json", "report.md", *tables}
     section = rating_section(report)
     assert section.startswith("## Expert rating") and (out / "report.md").read_text() == section
     alice = report["turing"][0]["accuracy"]
     assert f"{alice['k']}/16" in section and "Cohen's kappa" in section and "cell-lora" in section
+
+
+def test_repeated_images_measure_each_raters_agreement_with_themselves(tmp_path):
+    """Three images come back later in each queue under new ids; the report's other numbers count
+    first answers only."""
+    study = make_study(tmp_path, raters=["alice", "bob"], repeats=3)
+    with sqlite3.connect(study.path) as db:
+        queue = db.execute(
+            "SELECT rater, position, item, repeat, opaque FROM queue ORDER BY rater, position"
+        ).fetchall()
+    for rater in ("alice", "bob"):
+        mine = [row for row in queue if row[0] == rater]
+        repeated = [(position, item) for _, position, item, repeat, _ in mine if repeat]
+        assert len(mine) == 19 and len(repeated) == 3
+        first_at = {item: position for _, position, item, repeat, _ in mine if not repeat}
+        assert sorted(first_at) == list(range(16)) and all(first_at[item] < p for p, item in repeated)
+    assert len({row[4] for row in queue}) == len(queue)  # a repeat has an id of its own
+
+    given = answer_all(study, np.random.default_rng(7))
+    report = build_report(study)
+    about = {opaque: (rater, item, repeat) for rater, _, item, repeat, opaque in queue}
+    for rater in ("alice", "bob"):
+        firsts = {about[o][1]: a for o, a in given[rater].items() if not about[o][2]}
+        seconds = {about[o][1]: a for o, a in given[rater].items() if about[o][2]}
+        rows = {r["question"]: r for r in report["intra_rater"] if r["rater"] == rater}
+        items = sorted(seconds)
+        realism = [int(firsts[i]["realism"]) for i in items], [int(seconds[i]["realism"]) for i in items]
+        expected = cohen_kappa_score(*realism, labels=[1, 2, 3, 4, 5], weights="quadratic")
+        assert rows["realism"]["items"] == 3 and rows["realism"]["kappa"] == pytest.approx(expected)
+        same = sum(firsts[i]["turing"] == seconds[i]["turing"] for i in items)
+        assert (rows["turing"]["identical"]["k"], rows["turing"]["identical"]["n"]) == (same, 3)
+    assert [row["accuracy"]["n"] for row in report["turing"]] == [16, 16, 32]
+    assert "### Intra-rater agreement (3 images shown twice to each rater)" in rating_section(report)
 
 
 # --- the command and bad input ------------------------------------------------------------------

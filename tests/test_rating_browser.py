@@ -106,6 +106,13 @@ def rate_in_browser(driver, link: str, rng, seen: list) -> tuple[str, dict]:
     driver.find_element(By.NAME, "comment").send_keys(form["comment"])
     driver.find_element(By.ID, "submit").click()
     WebDriverWait(driver, 30).until(expected_conditions.staleness_of(image))
+    # The next page (after the POST's redirect) loaded before the test opens the link again.
+    WebDriverWait(driver, 30).until(
+        lambda d: (
+            d.execute_script("return document.readyState") == "complete"
+            and d.find_elements(By.CSS_SELECTOR, "#progress, #done")
+        )
+    )
     return opaque, form
 
 

@@ -13,8 +13,12 @@
   for two raters (for realism also with quadratic weights, as an ordinal scale), Fleiss' kappa
   for more (realism as five unordered categories).
 
-`write_report` writes report.json, turing.csv, cells.csv, agreement.csv, answers.csv and
-report.md (the markdown section `rating_section` returns), each atomically.
+- Intra-rater agreement, where the design repeats images: each rater's second answer to an
+  image against their first (Cohen's kappa, quadratic weights for realism). Everything else counts
+  first answers only.
+
+`write_report` writes report.json, turing.csv, cells.csv, agreement.csv, intra_rater.csv,
+answers.csv and report.md (the markdown section `rating_section` returns), each atomically.
 """
 
 from __future__ import annotations
@@ -109,6 +113,28 @@ def agreement_rows(answers: list[dict], raters: list[str]) -> list[dict]:
     return rows
 
 
+def intra_rater_rows(answers: list[dict], raters: list[str]) -> list[dict]:
+    """Each rater's agreement with themselves: their answer to a repeated image against their first
+    answer to it (Cohen's kappa; quadratic weights for realism), and the share answered alike."""
+    rows = []
+    for rater in raters:
+        mine = [a for a in answers if a["rater"] == rater]
+        firsts = {a["item"]: a for a in mine if not a["repeat"]}
+        pairs = [(firsts[a["item"]], a) for a in mine if a["repeat"] and a["item"] in firsts]
+        for question, scale in (("turing", None), ("realism", REALISM_SCALE), ("finding", None)):
+            both = [(x[question], y[question]) for x, y in pairs if x[question] is not None]
+            if not both:
+                continue
+            kappa = cohen_kappa([x for x, _ in both], [y for _, y in both], scale=scale)
+            rows.append({
+                "rater": rater, "question": question,
+                "method": "Cohen's kappa" + (", quadratic weights" if scale else ""), "items": len(both),
+                "identical": proportion(sum(x == y for x, y in both), len(both)),
+                "kappa": None if kappa != kappa else kappa,
+            })  # fmt: skip
+    return rows
+
+
 def progress_row(study: Study, rater: str, answers: list[dict]) -> dict:
     """A rater's answered and queued images, and the median seconds from an image shown to answered."""
     answered, queued = study.progress(rater)
@@ -119,6 +145,7 @@ def progress_row(study: Study, rater: str, answers: list[dict]) -> dict:
 
 def build_report(study: Study) -> dict:
     answers = study.answers()
+    first = [a for a in answers if not a["repeat"]]  # repeats only count towards intra-rater agreement
     raters = [name for name, _ in study.raters()]
     design = study.design
     return {
@@ -127,13 +154,14 @@ def build_report(study: Study) -> dict:
         "real_images": design.real_images(),
         "interval": f"{INTERVAL_METHOD}, {LEVEL:.0%}",
         "progress": [progress_row(study, r, [a for a in answers if a["rater"] == r]) for r in raters],
-        "turing": [turing_row(r, [a for a in answers if a["rater"] == r]) for r in raters]
-        + [turing_row("pooled", answers)],
+        "turing": [turing_row(r, [a for a in first if a["rater"] == r]) for r in raters]
+        + [turing_row("pooled", first)],
         "cells": [
-            cell_row(s["name"], s["kind"], [a for a in answers if a["source"] == s["name"]])
+            cell_row(s["name"], s["kind"], [a for a in first if a["source"] == s["name"]])
             for s in design.sources
         ],
-        "agreement": agreement_rows(answers, raters),
+        "agreement": agreement_rows(first, raters),
+        "intra_rater": intra_rater_rows(answers, raters),
         "answers": answers,
     }
 
@@ -154,7 +182,7 @@ def write_report(report: dict, out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(report, indent=2, allow_nan=False)
     write_atomically(out / "report.json", lambda tmp: tmp.write_text(text + "\n"))
-    for name in ("turing", "cells", "agreement", "answers"):
+    for name in ("turing", "cells", "agreement", "intra_rater", "answers"):
         frame = pd.DataFrame([_flat(row) for row in report[name]])
         write_atomically(out / f"{name}.csv", lambda tmp, frame=frame: frame.to_csv(tmp, index=False))
     section = rating_section(report)
@@ -243,5 +271,18 @@ def rating_section(report: dict) -> str:
         lines += [
             f"| {a['question']} | {a['method']} | {a['items']} | {_number(a['kappa'], 3)} |"
             for a in report["agreement"]
+        ]
+    if report["intra_rater"]:
+        lines += [
+            "",
+            f"### Intra-rater agreement ({design['repeats']} images shown twice to each rater)",
+            "",
+            "| rater | question | method | pairs | answered alike | kappa |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {a['rater']} | {a['question']} | {a['method']} | {a['items']} | {_share(a['identical'])} | "
+            f"{_number(a['kappa'], 3)} |"
+            for a in report["intra_rater"]
         ]
     return "\n".join(lines) + "\n"

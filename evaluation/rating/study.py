@@ -7,7 +7,8 @@ every drawn image re-encoded, each rater's queue and every answer:
     raters   name, secret token, order
     items    source (`real` or a generated source's name), kind, where it came from, prompt,
              the finding asked about and whether the prompt states it, the re-encoded PNG
-    queue    per rater: position, item, the opaque id the image is served under, first shown at
+    queue    per rater: position, item, whether it is a repeat of an item shown earlier, the opaque
+             id the image is served under, first shown at
     answers  per rater and position: turing, realism, finding, comment, answered at
 
 Holding the images makes the study self-contained: serving it again needs neither the dataset nor
@@ -15,7 +16,8 @@ the sample folders, and what raters saw is what the report is about, whatever ha
 folders later. Blinding is in the images themselves: each is read, centre-cropped to a square,
 resized to one size, put in one colour mode and written as a fresh PNG, so size, mode and
 metadata (PNG text chunks, EXIF) are the same for real and generated images. Every rater rates
-the same items (what inter-rater agreement needs), each in an order of their own.
+the same items (what inter-rater agreement needs), each in an order of their own, and `repeats`
+of them a second time, later and under another opaque id (what intra-rater agreement needs).
 
 Each answer is one transaction, committed before the page moves on: a killed server loses
 nothing answered, and a restart resumes every rater at their first unanswered image. A study file
@@ -82,6 +84,7 @@ class Design:
     prompt: str = "hidden"
     seed: int = 0
     per_source: int = 20
+    repeats: int = 0  # images each rater sees a second time, later in their queue (intra-rater agreement)
     real_count: int | None = None  # None: as many real images as generated ones (a 50/50 mix)
     finding: str | None = None
     image_size: int = 512
@@ -99,10 +102,11 @@ class Design:
             raise ValueError(f"raters {self.raters}: give one or more distinct names")
         if (
             self.per_source < 1
+            or self.repeats < 0
             or (self.real_count is not None and self.real_count < 1)
             or self.image_size < 8
         ):
-            raise ValueError("per_source and real_count must be >= 1, image_size >= 8")
+            raise ValueError("per_source and real_count must be >= 1, repeats >= 0, image_size >= 8")
         names = [s["name"] for s in self.sources]
         if len(set(names)) != len(names):
             raise ValueError(f"two sources share a name: {names}")
@@ -237,8 +241,8 @@ CREATE TABLE raters (name TEXT PRIMARY KEY, token TEXT UNIQUE NOT NULL, ord INTE
 CREATE TABLE items (id INTEGER PRIMARY KEY, source TEXT NOT NULL, kind TEXT NOT NULL,
     origin TEXT NOT NULL, prompt TEXT NOT NULL, finding TEXT, finding_truth INTEGER, png BLOB NOT NULL);
 CREATE TABLE queue (rater TEXT NOT NULL REFERENCES raters(name), position INTEGER NOT NULL,
-    item INTEGER NOT NULL REFERENCES items(id), opaque TEXT UNIQUE NOT NULL, shown_at REAL,
-    PRIMARY KEY (rater, position));
+    item INTEGER NOT NULL REFERENCES items(id), repeat INTEGER NOT NULL, opaque TEXT UNIQUE NOT NULL,
+    shown_at REAL, PRIMARY KEY (rater, position));
 CREATE TABLE answers (rater TEXT NOT NULL, position INTEGER NOT NULL, turing TEXT, realism INTEGER,
     finding TEXT, comment TEXT, answered_at REAL NOT NULL, PRIMARY KEY (rater, position),
     FOREIGN KEY (rater, position) REFERENCES queue(rater, position));
@@ -260,6 +264,21 @@ def draw(design: Design, candidates: dict[str, list[Candidate]]) -> list[tuple[s
         chosen = random.Random(f"{design.seed}/items/{source['name']}").sample(offered, wanted)
         drawn += [(source["name"], c) for c in chosen]
     return drawn
+
+
+def queue_order(design: Design, rater: str, items: int) -> list[tuple[int, int]]:
+    """A rater's queue, (item, repeat): every item once in an order of the rater's own, and
+    `repeats` of them a second time (repeat 1) at a random later place."""
+    if design.repeats > items:
+        raise ValueError(f"repeats ({design.repeats}) is more than the study's {items} images")
+    rng = random.Random(f"{design.seed}/order/{rater}")
+    order = list(range(items))
+    rng.shuffle(order)
+    queue = [(item, 0) for item in order]
+    for item in rng.sample(order, design.repeats):
+        first = queue.index((item, 0))
+        queue.insert(rng.randint(first + 1, len(queue)), (item, 1))
+    return queue
 
 
 class Study:
@@ -295,6 +314,8 @@ class Study:
             real = [c.image for name, c in drawn if kinds[name] == REAL]
             color = "gray" if all(is_grayscale(image) for image in real) else "rgb"
 
+        queues = {rater: queue_order(design, rater, len(drawn)) for rater in design.raters}
+
         def write(tmp: Path) -> None:
             with closing(sqlite3.connect(tmp)) as db, db:
                 db.executescript(SCHEMA)
@@ -314,12 +335,11 @@ class Study:
                     db.execute(
                         "INSERT INTO raters VALUES (?, ?, ?)", (rater, secrets.token_urlsafe(16), order)
                     )
-                    items = list(range(len(drawn)))
-                    random.Random(f"{design.seed}/order/{rater}").shuffle(items)
                     db.executemany(
-                        "INSERT INTO queue (rater, position, item, opaque) VALUES (?, ?, ?, ?)",
-                        [(rater, p, item, secrets.token_urlsafe(12)) for p, item in enumerate(items)],
-                    )
+                        "INSERT INTO queue (rater, position, item, repeat, opaque) VALUES (?, ?, ?, ?, ?)",
+                        [(rater, p, item, repeat, secrets.token_urlsafe(12))
+                         for p, (item, repeat) in enumerate(queues[rater])],
+                    )  # fmt: skip
 
         write_atomically(path, write, sync=True)
         return cls(path)
@@ -414,8 +434,8 @@ class Study:
             rows = db.execute(
                 "SELECT a.rater, a.position, q.item, i.source, i.kind, i.origin, i.prompt, i.finding AS "
                 "finding_asked, i.finding_truth, a.turing, a.realism, a.finding, a.comment, "
-                "a.answered_at - q.shown_at AS seconds FROM answers a JOIN queue q ON q.rater = a.rater "
-                "AND q.position = a.position JOIN items i ON i.id = q.item JOIN raters r ON r.name = a.rater "
+                "q.repeat, a.answered_at - q.shown_at AS seconds FROM answers a JOIN queue q USING (rater, "
+                "position) JOIN items i ON i.id = q.item JOIN raters r ON r.name = a.rater "
                 "ORDER BY r.ord, a.position"
             ).fetchall()
         return [dict(r) for r in rows]
