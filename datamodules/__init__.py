@@ -15,6 +15,7 @@ _WHERE = {
     "MIMICCXRDataModule": ".mimic_cxr",
     "ROCOv2DataModule": ".rocov2",
     "ROCOv2ParquetDataModule": ".rocov2",
+    "SyntheticScenesDataModule": ".scenes",
     "SyntheticShapesDataModule": ".synthetic",
     "write_synthetic_folder": ".synthetic",
 }

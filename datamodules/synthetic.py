@@ -57,13 +57,13 @@ def synthetic_records(n: int, size: int, seed: int) -> list[Record]:
     return records
 
 
-class SyntheticShapesDataModule(ImageTextDataModule):
-    """Generated shapes (see `make_shape_image`), made in memory at `image_size`.
+class GeneratedImagesDataModule(ImageTextDataModule):
+    """Images generated in memory at `image_size` by `generate(n, size, seed)` (a subclass's):
+    n_train training records, and n_val validation records from another seed, so that they are
+    new examples; the test split is the validation split. With n_val=0, validation runs on the
+    training images."""
 
-    Validation images come from a different seed than the training images, so they are new
-    examples of the same four captions; the test split is the validation split. With n_val=0,
-    validation runs on the training images.
-    """
+    generate = None  # (n, size, seed) -> list[Record]
 
     def __init__(
         self,
@@ -81,8 +81,14 @@ class SyntheticShapesDataModule(ImageTextDataModule):
     def load_records(self, split: str) -> list[Record]:
         # Seeds 2s and 2s + 1: training and validation never share a stream, whatever the seed.
         if split == "train":
-            return synthetic_records(self.n_train, self.image_size, 2 * self.seed)
-        return synthetic_records(self.n_val, self.image_size, 2 * self.seed + 1)
+            return type(self).generate(self.n_train, self.image_size, 2 * self.seed)
+        return type(self).generate(self.n_val, self.image_size, 2 * self.seed + 1)
+
+
+class SyntheticShapesDataModule(GeneratedImagesDataModule):
+    """Generated shapes (see `make_shape_image`): the four captions (kind x side) in turn."""
+
+    generate = staticmethod(synthetic_records)
 
 
 def write_synthetic_folder(

@@ -2,9 +2,11 @@
 
     python -m experiments.pretrain_demo_base [--out DIR] [--vae-minutes 2] [--minutes 10]
 
-Stable Diffusion meets radiographs after pretraining on natural images; the demo needs the same
-situation at CPU scale, so its base model (`medsd/demo-base`) is pretrained here on generated
-bright shapes and then adapted to chest phantoms by every strategy. Two `medsd fit` runs, each
+Stable Diffusion meets radiographs after pretraining on natural images, with a VAE that encodes
+any image well and a U-Net whose cross-attention ties words to places, sizes and brightness; the
+demo needs the same situation at CPU scale, so its base model (`medsd/demo-base`) is pretrained
+here on generated grey-level scenes whose captions say where each shape is, how large and how
+bright (datamodules/scenes.py), and then adapted to chest phantoms by every strategy. Two `medsd fit` runs, each
 bounded by time: a VAE (experiments/configs/demo/base_vae.yaml), then a tiny text-to-image U-Net
 on its latents with a frozen tiny CLIP text encoder (base.yaml). The second run's export, a
 diffusers pipeline folder, is copied to `--out`; the repository ships the result, so the demo

@@ -38,7 +38,7 @@ TINY_SD2 = "medsd/tiny-sd2"  # the same size, shaped like Stable Diffusion 2.x (
 TINY_SDXL = "medsd/tiny-sdxl"  # shaped like SDXL: see lightning_modules/families/sdxl.py
 TINY_FLUX = "medsd/tiny-flux"  # shaped like FLUX.1-dev: see lightning_modules/families/flux.py
 TINY_KANDINSKY = "medsd/tiny-kandinsky"  # see lightning_modules/families/kandinsky.py
-# The demo's base model: tiny-SD-shaped, pretrained on generated shapes by
+# The demo's base model: tiny-SD-shaped, pretrained on generated scenes by
 # experiments/pretrain_demo_base.py, shipped as a diffusers folder inside this package.
 DEMO_BASE = "medsd/demo-base"
 DEMO_BASE_DIR = Path(__file__).resolve().parent / "demo_base"
