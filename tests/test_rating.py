@@ -435,8 +435,13 @@ def test_serve_refuses_another_design_naming_the_difference(tmp_path):
     assert "prompt: the study has 'hidden', the command gives 'shown'" in message
     with pytest.raises(SystemExit, match="raters: the study has"):
         rate.main(["serve", "--db", str(study.path), "--raters", "alice,bob"])
-    with pytest.raises(SystemExit, match="sources: the study has"):
+    with pytest.raises(SystemExit) as refused:
         rate.main(["serve", "--db", str(study.path), "--samples", str(tmp_path / "cell-lora")])
+    lora = tmp_path / "cell-lora"
+    assert (
+        f"sources: the study has real (test split of no config), cell-lora ({lora}), cell-full "
+        f"({tmp_path / 'cell-full'}), the command gives real (test split of no config), cell-lora ({lora})"
+    ) in str(refused.value)
     assert digest(study.path) == before
 
 
@@ -465,6 +470,10 @@ def test_an_empty_split_and_too_few_images_are_refused(tmp_path):
         make_study(tmp_path, per_source=6, real_count=4)
     with pytest.raises(ValueError, match=r"source 'real' has 10 images, fewer than real_count \(12\)"):
         make_study(tmp_path, per_source=6)
+    with pytest.raises(
+        ValueError, match=r"finding 'Pleural effusion' is in no image's labels; they have \['No Finding'"
+    ):
+        make_study(tmp_path, finding="Pleural effusion")
     assert not (tmp_path / "study.sqlite").exists()
 
 

@@ -122,8 +122,10 @@ class Design:
     def differences(self, given: dict) -> list[str]:
         """How the settings `given` (a subset of the design's fields) differ from this design."""
         mine = self.as_dict()
+        text = {"sources": _sources_text}
         return [
-            f"{key}: the study has {mine[key]!r}, the command gives {value!r}"
+            f"{key}: the study has {text.get(key, repr)(mine[key])}, "
+            f"the command gives {text.get(key, repr)(value)}"
             for key, value in given.items()
             if _comparable(mine[key]) != _comparable(value)
         ]
@@ -131,6 +133,16 @@ class Design:
 
 def _comparable(value):
     return json.loads(json.dumps(value))  # tuples as lists, as the stored design has them
+
+
+def _sources_text(sources: list[dict]) -> str:
+    """`real (test split of --config a.yaml), lora (/runs/lora/samples)`."""
+    return ", ".join(
+        f"{s['name']} ({s['split']} split of {' '.join(s['data']) or 'no config'})"
+        if s["kind"] == REAL
+        else f"{s['name']} ({s['folder']})"
+        for s in sources
+    )
 
 
 def real_candidates(records: list, split: str) -> list[Candidate]:
@@ -307,6 +319,14 @@ class Study:
         path = Path(path)
         if path.exists():
             raise FileExistsError(f"{path} exists already")
+        if design.finding is not None:
+            names = {
+                name for offered in candidates.values() for c in offered for s in c.label_sets for name in s
+            }
+            if design.finding not in names:
+                raise ValueError(
+                    f"finding {design.finding!r} is in no image's labels; they have {sorted(names)}"
+                )
         drawn = draw(design, candidates)
         kinds = {s["name"]: s["kind"] for s in design.sources}
         color = design.color
