@@ -337,16 +337,12 @@ class RecordIndex:
         log.info("record index %s: built %s", self.folder / name, {s: len(r) for s, r in records.items()})
         return self.folder / name
 
-    def lock(self) -> FileLock:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        return FileLock(str(self.folder / "lock"))
-
     def read_or_build(self, record: Callable[..., Any], build: Callable[[], Built]) -> tuple[Built, bool]:
         """(the index's contents, whether this process built them)."""
         built = self.read(record)
         if built is not None:
             return built, False
-        with waiting(self.lock(), f"another process is building the record index {self.folder}"):
+        with waiting(index_lock(self.folder), f"another process is building the record index {self.folder}"):
             built = self.read(record, quiet=True)
             if built is not None:
                 return built, False
@@ -358,6 +354,12 @@ class RecordIndex:
         except FileNotFoundError:
             return None
         return self.folder / name
+
+
+def index_lock(folder: Path) -> FileLock:
+    """The lock of an index folder (its builds and token counts), released if its holder dies."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(folder / "lock"))
 
 
 class waiting:
@@ -388,9 +390,7 @@ def token_lengths(
     fingerprint, or counted (under the index's lock, once for all processes) and stored there."""
     path = folder / f"tokens-{tokenizer.fingerprint}.arrow"
     if not path.is_file():
-        with waiting(
-            FileLock(str(folder.parent / "lock")), f"another process is counting tokens into {path}"
-        ):
+        with waiting(index_lock(folder.parent), f"another process is counting tokens into {path}"):
             if not path.is_file():
                 lengths = pa.array(count(list(prompts)), pa.int32())
                 write_arrow(path, pa.table({"tokens": lengths}))
