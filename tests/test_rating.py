@@ -431,6 +431,33 @@ def digest(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def test_serve_resumes_a_study_given_its_own_design_and_prints_each_raters_link(
+    tmp_path, monkeypatch, capsys
+):
+    import flask
+
+    study = make_study(tmp_path)
+    runs = []
+    monkeypatch.setattr(flask.Flask, "run", lambda app, **options: runs.append(options))
+    same = [
+        "--seed",
+        "0",
+        "--prompt",
+        "hidden",
+        "--raters",
+        ",".join(RATERS),
+        "--per-source",
+        "4",
+        "--port",
+        "9",
+    ]
+    rate.main(["serve", "--db", str(study.path), *same])
+    assert runs == [{"host": "127.0.0.1", "port": 9, "threaded": True, "use_reloader": False}]
+    printed = capsys.readouterr().out
+    for name, token in study.raters():
+        assert f"  {name}: http://127.0.0.1:9/r/{token}   (0/16 answered)" in printed
+
+
 def test_serve_refuses_another_design_naming_the_difference(tmp_path):
     study = make_study(tmp_path)
     before = digest(study.path)
