@@ -339,13 +339,17 @@ class RecordIndex:
 
     def read_or_build(self, record: Callable[..., Any], build: Callable[[], Built]) -> tuple[Built, bool]:
         """(the index's contents, whether this process built them)."""
+        seen = self._current()
         built = self.read(record)
         if built is not None:
             return built, False
         with waiting(index_lock(self.folder), f"another process is building the record index {self.folder}"):
-            built = self.read(record, quiet=True)
-            if built is not None:
-                return built, False
+            # Another process may have built it meanwhile. A build found out of date above that is
+            # still the current one is not checked again: its sources can be 228k files.
+            if self._current() != seen:
+                built = self.read(record, quiet=True)
+                if built is not None:
+                    return built, False
             return build(), True
 
     def _current(self) -> Path | None:
