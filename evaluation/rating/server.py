@@ -13,7 +13,7 @@ change) and the images are re-encoded PNGs of one size and mode (`study.blinded_
 
 from __future__ import annotations
 
-from flask import Flask, Response, abort, redirect, render_template_string, request
+from flask import Flask, Response, abort, redirect, request
 
 from .study import Study
 
@@ -57,6 +57,7 @@ to go on where you stopped.</p>
 def create_app(study: Study) -> Flask:
     app = Flask(__name__)
     design = study.design
+    template = app.jinja_env.from_string(PAGE)  # compiled once; autoescaped, as every Flask string template
 
     def rater_of(token: str) -> str:
         rater = study.rater(token)
@@ -76,7 +77,7 @@ def create_app(study: Study) -> Flask:
                 prompt=item["prompt"] if design.prompt == "shown" else None,
                 finding=item["finding"],
             )
-        return render_template_string(PAGE, **fields), status
+        return template.render(**fields), status
 
     @app.get("/r/<token>")
     def show(token: str):
