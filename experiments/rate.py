@@ -35,7 +35,7 @@ import json
 import logging
 from pathlib import Path
 
-from evaluation.rating.study import QUESTIONS, REAL, Design, Study, StudyLock
+from evaluation.rating.study import GENERATED, QUESTIONS, REAL, Design, Study, StudyLock
 
 from .cli import command_parser, parse_with_config_args
 from .matrix import Cell
@@ -91,7 +91,7 @@ def given_design(args, config_args: list[str]) -> dict:
         given["sources"] = [real] + [
             {
                 "name": name,
-                "kind": "generated",
+                "kind": GENERATED,
                 "folder": str(folder),
                 "sweep": args.sweep and str(Path(args.sweep).resolve()),
             }
