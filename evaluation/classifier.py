@@ -22,6 +22,8 @@ augmentation: flips would swap left and right.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -204,6 +206,20 @@ class TrainedClassifier:
             "thresholds": self.thresholds,
             "threshold_notes": self.threshold_notes,
         }
+
+    def digest(self) -> str:
+        """SHA-256 of what decides a prediction: the weights and buffers, the labels and thresholds.
+
+        Two evaluations report the same digest only when they called images positive with the same
+        classifier, which a paired comparison of their outcomes requires. On CPU the same real data,
+        settings and seed give the same digest (see ClassifierSettings.device); on GPU they may not.
+        """
+        hasher = hashlib.sha256(json.dumps([self.label_names, self.thresholds], sort_keys=True).encode())
+        for name, tensor in self.network.state_dict().items():
+            value = tensor.detach().cpu()
+            hasher.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
+            hasher.update(value.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+        return hasher.hexdigest()
 
 
 # --- labels and loss -----------------------------------------------------------------------------

@@ -52,6 +52,7 @@ def abnormality_insertion(
     resamples: int = 0,
     confidence: float = 0.95,
     groups: Sequence[Sequence[int]] | None = None,
+    probabilities: torch.Tensor | None = None,
 ) -> dict:
     """Chambon et al.'s check: does a classifier trained on REAL images see the finding a prompt asked for?
 
@@ -61,6 +62,7 @@ def abnormality_insertion(
     alone could come from a classifier that calls everything positive; the false-positive rate
     rules that out. With `resamples`, each rate gets a bootstrap interval (`*_ci`), over `groups`
     (the images of each prompt, resampled together: they are not independent) when given.
+    probabilities: the classifier's predictions on the images (`predict`), when already made.
 
     Uniform images (blank black, grey or white ones, as a generator's fp16 NaNs produce) are
     counted per group (`n_uniform_*`) but scored like any other: the rates stay the protocol's. A
@@ -74,7 +76,8 @@ def abnormality_insertion(
             f"findings {missing} must be labels of both the classifier {classifier.label_names} "
             f"and the synthetic images {synthetic.label_names}"
         )
-    probabilities = predict(classifier, synthetic.images)
+    if probabilities is None:
+        probabilities = predict(classifier, synthetic.images)
     flat = torch.tensor([is_uniform(image, classifier.settings.image_size) for image in synthetic.images])
     results, hits = {}, {}
     for finding in findings:

@@ -86,6 +86,8 @@ class Generated:
     prompt_index: list[int]
     labels: list[list[dict]]
     prompt_source: dict | None = None
+    k: list[int] | None = None  # each image's number among its prompt's
+    seeds: list[int | None] | None = None  # the seed each image was drawn with, where recorded
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> Generated:
@@ -97,6 +99,8 @@ class Generated:
             prompt_index=[int(i) for i in table["prompt_index"]],
             labels=list(table["labels"]),
             prompt_source=read_settings(folder).get("prompt_source"),
+            k=[int(k) for k in (table["k"] if "k" in table else table.groupby("prompt_index").cumcount())],
+            seeds=[int(s) if s != "" else None for s in table["seed"]] if "seed" in table else None,
         )
 
     @property

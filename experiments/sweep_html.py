@@ -5,7 +5,8 @@
     2. copying: per cell, the closest generated / training pairs of the copying test, or why it did
        not run
     3. loss: training and validation loss of every cell on one plot (plots/loss_curves.png)
-    4. numbers: the headline numbers of summary.csv with their 95% intervals, one column per cell
+    4. numbers: the headline numbers of summary.csv with their 95% intervals, one column per cell,
+       then the cells' insertion rates compared in pairs (`experiments.sweep_paired`)
     5. plots: quality vs cost and the per-metric bars of `sweep_report.write_plots`
     6. rating: the blind rating's section, when `<sweep>/rating/report.json` exists
 
@@ -45,9 +46,12 @@ img.plot { max-width: 100%; margin: 0.3em; border: 1px solid #eee; }
 """
 
 
-def write_html(matrix, folders: list, out: Path, long: pd.DataFrame, plots: list[Path]) -> Path:
+def write_html(
+    matrix, folders: list, out: Path, long: pd.DataFrame, plots: list[Path], paired: str = ""
+) -> Path:
     """Write `out/report.html` (and the PNGs it shows) for the sweep's cell folders; `long` is
-    summary.csv's table and `plots` the figures `write_plots` made."""
+    summary.csv's table, `plots` the figures `write_plots` made and `paired` the markdown of the
+    paired comparison (`experiments.sweep_paired`)."""
     sections = [
         f"<h1>Sweep {_text(matrix.name)}</h1>",
         f"<p>Matrix: <code>{_text(matrix.path)}</code>; {len(folders)} cells. "
@@ -56,6 +60,7 @@ def write_html(matrix, folders: list, out: Path, long: pd.DataFrame, plots: list
         copying_section(folders, out),
         loss_section(folders, out),
         numbers_section(long, [f.cell.name for f in folders]),
+        markdown_html(paired),
         "<h2>Plots</h2>" + "".join(_image(relative(p, out), p.stem, "plot") for p in _quality_first(plots)),
         rating_section(out),
     ]

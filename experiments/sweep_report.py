@@ -4,7 +4,9 @@
                           extractor, label, run, value, interval, N), the cost included
     <sweep>/summary.md    wide form: one row per cell, one column per headline number
     <sweep>/plots/*.png   each headline metric per cell with its 95% interval; quality vs cost
-    <sweep>/report.md     states of the cells, the wide table and the plots
+    <sweep>/report.md     states of the cells, the wide table, the cells' insertion rates compared in
+                          pairs (`experiments.sweep_paired`: rows `paired_difference_*` in summary.csv,
+                          with `compared_with`) and the plots
     <sweep>/report.html   the same with the images: a prompt grid across cells, copying pairs, loss
                           curves (`experiments.sweep_html`)
 
@@ -24,6 +26,8 @@ from evaluation.sample_folder import sampling_cost_path
 
 from .evaluate import markdown_table
 from .matrix import Matrix, slug
+from .sweep_paired import PAIRED_COLUMNS, compare_cells
+from .sweep_paired import markdown as paired_section
 
 # The run's cost fields carried into the summary: name -> (section, key) of its metrics.json "cost".
 # (Sampling FLOPs come from `medsd sample`'s own record, at the settings the images were made with.)
@@ -34,6 +38,10 @@ COST_FIELDS = {
     "gpu_hours": ("training", "gpu_hours"),
 }
 
+
+# summary.csv's columns that describe a number, not the cell (the others are its axis labels and state).
+NUMBER_COLUMNS = {"metric", "extractor", "label", "run", "value", "ci_low", "ci_high", "n_generated"}
+NUMBER_COLUMNS |= set(PAIRED_COLUMNS)
 
 # Left out of the wide table (kept in summary.csv): accuracies next to the AUROCs, and timings.
 HIDDEN = {"augmentation_accuracy", "sampling_flops_per_image"}
@@ -94,8 +102,7 @@ def headline(long: pd.DataFrame) -> pd.DataFrame:
     """One row per cell, one column per headline number (see `headline_numbers`)."""
     numbers = headline_numbers(long)
     states = long.drop_duplicates("cell").set_index("cell")
-    label_columns = [c for c in states.columns if c not in {"metric", "extractor", "label", "run", "value",
-                                                             "ci_low", "ci_high", "n_generated"}]  # fmt: skip
+    label_columns = [c for c in states.columns if c not in NUMBER_COLUMNS]
     if numbers.empty:
         return states[label_columns].reset_index()
     wide = numbers.pivot_table(index="cell", columns="column", values="value", aggfunc="first")
@@ -104,7 +111,9 @@ def headline(long: pd.DataFrame) -> pd.DataFrame:
 
 def write_report(matrix: Matrix, folders: list, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    long = pd.DataFrame([row for folder in folders for row in cell_rows(folder)])
+    paired = compare_cells(folders)
+    long = pd.DataFrame([row for folder in folders for row in cell_rows(folder)] + paired.rows)
+    section = paired_section(paired)
     for column in ("metric", "extractor", "label", "run", "value", "ci_low", "ci_high"):
         if column not in long:
             long[column] = None
@@ -127,12 +136,13 @@ def write_report(matrix: Matrix, folders: list, out: Path) -> Path:
         "",
         table,
         "",
+        section,
         *[f"![{p.stem}](plots/{p.name})" for p in plots],
     ]
     write_atomically(out / "report.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     from .sweep_html import write_html  # imported here: it imports this module
 
-    write_html(matrix, folders, out, long, plots)
+    write_html(matrix, folders, out, long, plots, section)
     return out / "report.md"
 
 

@@ -19,7 +19,8 @@ import torchxrayvision as xrv
 from datamodules.mimic_cxr import MIMICCXRDataModule
 from datamodules.phantoms import write_phantoms
 from evaluation.features import XRV_WEIGHTS, CLIPFeatures
-from evaluation.sample_folder import SETTINGS_FILE, split_source, write_manifest
+from evaluation.insertion_outcomes import OUTCOMES_FILE, read_outcomes
+from evaluation.sample_folder import SETTINGS_FILE, read_manifest, split_source, write_manifest
 from evaluation.suite import load_uint8
 from experiments.cli import main as medsd
 from experiments.sample import Item, manifest_rows, prompts_from_records
@@ -170,6 +171,32 @@ def test_insertion_sees_effusion_drawn_by_a_faithful_generator(evaluated):
     (detection,) = rows(result, "insertion_detection_rate", label=EFFUSION)
     (false_positive,) = rows(result, "insertion_false_positive_rate", label=EFFUSION)
     assert detection["value"] > false_positive["value"] + 0.3
+
+
+def test_insertion_outcomes_hold_the_rates_counts_seeds_and_classifier(evaluated):
+    """insertion_outcomes.csv, beside metrics.json, counts to the rates the protocol reported."""
+    root, _, result = evaluated
+    insertion = result["classifier_protocols"]["insertion"]
+    assert insertion["outcomes"] == OUTCOMES_FILE
+    outcomes = read_outcomes(root / "generated" / "metrics")
+    assert set(outcomes["classifier"]) == {insertion["classifier_digest"]}
+    manifest = read_manifest(root / "generated")
+    assert insertion["n_images"] == len(manifest)  # every generated image is labelled here
+    assert len(outcomes) == len(manifest) * len(insertion["findings"])
+    for finding, reported in insertion["findings"].items():
+        mine = outcomes[outcomes["finding"] == finding]
+        for rate, stated, group in (
+            ("detection_rate", 1, "stated_present"),
+            ("false_positive_rate", 0, "stated_absent"),
+        ):
+            called = mine.loc[mine["stated"] == stated, "called_positive"]
+            assert (
+                len(called) == reported[f"n_{group}"]
+                and called.sum() == reported[f"n_predicted_positive_{group}"]
+            )
+            assert called.mean() == pytest.approx(reported[rate])
+    images = outcomes.merge(manifest, on=["prompt_index", "k"], suffixes=("", "_manifest"))
+    assert len(images) == len(outcomes) and (images["seed"] == images["seed_manifest"]).all()
 
 
 def test_clip_score_equals_a_hand_computation(evaluated):

@@ -20,7 +20,11 @@ by default it is listed as skipped with the reason and the rest runs.
 
 from __future__ import annotations
 
-from ..classifier import LabelledImages, describe
+import pandas as pd
+import torch
+
+from ..classifier import LabelledImages, TrainedClassifier, describe, predict
+from ..insertion_outcomes import outcome_table, write_outcomes
 from ..protocols import abnormality_insertion, augmentation_protocol
 from ..sample_folder import Generated
 from . import Metric
@@ -87,8 +91,9 @@ def augmentation_set(context: EvaluationContext) -> tuple[Generated, str]:
 
 def labelled_synthetic(
     generated: Generated, names: list[str]
-) -> tuple[LabelledImages, list[list[int]], dict]:
-    """The labelled generated images, their prompt groups, and counts for the report."""
+) -> tuple[LabelledImages, list[list[int]], dict, list[int]]:
+    """The labelled generated images, their prompt groups, counts for the report, and their
+    positions among the generated images."""
     manifest_names, stated, labelled, conflicts = generated.stated_labels()
     missing = [name for name in names if name not in manifest_names]
     if missing:
@@ -102,7 +107,7 @@ def labelled_synthetic(
         "n_generated_unlabelled": int((~labelled).sum()),
         "conflicting_label_values": conflicts,
     }
-    return images, generated.groups(rows), counts
+    return images, generated.groups(rows), counts, rows
 
 
 def compute(context: EvaluationContext) -> list[dict]:
@@ -118,16 +123,24 @@ def compute(context: EvaluationContext) -> list[dict]:
     reports: dict = {"labels": names, "classifier_start": label["classifier_start"]}
     rows: list[dict] = []
     if "insertion" in protocols:
-        synthetic, groups, counts = labelled_synthetic(context.generated, names)
+        synthetic, groups, counts, positions = labelled_synthetic(context.generated, names)
         findings = list(args.findings) if args.findings else stated_present(synthetic)
+        probabilities = predict(classifier, synthetic.images)
         insertion = abnormality_insertion(
-            classifier, synthetic.images, synthetic.labels, names, findings, args.bootstrap, groups=groups
-        )
-        reports["insertion"] = {**insertion, **counts, "prompt_split": context.generated.prompt_split}
+            classifier, synthetic.images, synthetic.labels, names, findings, args.bootstrap, groups=groups,
+            probabilities=probabilities,
+        )  # fmt: skip
+        outcomes = insertion_outcomes(context, positions, synthetic, findings, classifier, probabilities)
+        reports["insertion"] = {
+            **insertion,
+            **counts,
+            "prompt_split": context.generated.prompt_split,
+            **outcomes,
+        }
         rows += insertion_rows(insertion, {**label, "n_generated": len(synthetic)}, args.bootstrap)
     if "augmentation" in protocols:
         generated, folder = augmentation_set(context)
-        synthetic, _, counts = labelled_synthetic(generated, names)
+        synthetic, _, counts, _ = labelled_synthetic(generated, names)
         validation = (
             context.data.labelled(args.val_split).select(names)
             if settings.threshold == "validation"
@@ -145,6 +158,33 @@ def compute(context: EvaluationContext) -> list[dict]:
         rows += augmentation_rows(augmentation, {**label, "n_generated": len(synthetic)}, args.bootstrap)
     context.reports["classifier_protocols"] = reports
     return rows
+
+
+def insertion_outcomes(
+    context: EvaluationContext,
+    positions: list[int],
+    synthetic: LabelledImages,
+    findings: list[str],
+    classifier: TrainedClassifier,
+    probabilities: torch.Tensor,
+) -> dict:
+    """Write what each scored image's prompt stated and whether the classifier called it positive
+    (`evaluation.insertion_outcomes`) beside metrics.json. For the report: the classifier's digest
+    and the file's name (None without a folder to write to)."""
+    digest = classifier.digest()
+    if context.artefacts is None:
+        return {"classifier_digest": digest, "outcomes": None}
+    generated = context.generated
+    images = pd.DataFrame({"prompt_index": generated.prompt_index, "prompt": generated.prompts})
+    images["k"] = generated.k or images.groupby("prompt_index").cumcount()
+    images["seed"] = pd.array(generated.seeds or [None] * len(images), dtype="Int64")
+    images = images.iloc[positions].reset_index(drop=True)
+    stated = synthetic.labels[:, [synthetic.label_names.index(f) for f in findings]]
+    columns = [classifier.label_names.index(f) for f in findings]
+    thresholds = torch.tensor([classifier.thresholds[f] for f in findings])
+    positive = probabilities[:, columns] >= thresholds
+    table = outcome_table(images, findings, stated, positive, digest)
+    return {"classifier_digest": digest, "outcomes": write_outcomes(context.artefacts, table).name}
 
 
 def stated_present(synthetic: LabelledImages) -> list[str]:
