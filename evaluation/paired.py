@@ -41,7 +41,8 @@ def align(a: pd.DataFrame, b: pd.DataFrame, names: tuple[str, str] = ("A", "B"))
         raise PairingError(
             f"{first} and {second} were scored by different classifiers (weight digests {shown[0]} and "
             f"{shown[1]}); a paired comparison needs one classifier: the same real data, classifier "
-            "settings and --seed, trained on CPU (training on GPU is not bit-reproducible)"
+            "settings and --seed (on CPU these train the same one; on GPU training is not bit-reproducible, "
+            "so evaluations there may each train a slightly different one)"
         )
     findings = [sorted(set(table["finding"])) for table in (a, b)]
     if findings[0] != findings[1]:

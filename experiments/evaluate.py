@@ -4,7 +4,8 @@
     medsd evaluate --generated runs/x/samples --real-folder data/real_pngs
 
 Writes `metrics.json`, `metrics.csv`, `summary.md`, TensorBoard scalars and the metrics' files
-(the copying test's tables and image grids) into `--out` (default `<generated>/metrics`). The
+(the copying test's tables and image grids, the insertion protocol's per-image outcomes
+`insertion_outcomes.csv`) into `--out` (default `<generated>/metrics`). The
 metrics are those of the registry (`evaluation.metrics`; `--list-metrics` prints them with what
 each needs); every row names its protocol, extractor, weights, preprocessing, N and, for an
 interval, its method. What cannot run (missing weights, unlabelled data, `--real-folder` without

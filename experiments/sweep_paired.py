@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from evaluation.insertion_outcomes import read_outcomes
+from evaluation.insertion_outcomes import OUTCOMES_FILE, read_outcomes
 from evaluation.paired import PairingError, paired_differences
 
 from .evaluate import markdown_table
@@ -54,11 +54,9 @@ def compare_cells(folders: list) -> PairedComparison:
             comparison.not_compared[folder.cell.name] = f"not done ({state})"
             continue
         try:
-            outcomes[folder.cell.name] = (folder, read_outcomes(folder.metrics))
-        except FileNotFoundError:
-            comparison.not_compared[folder.cell.name] = why_no_outcomes(folder.metrics)
-        except ValueError as error:  # a file that is not the format's
-            comparison.not_compared[folder.cell.name] = f"unreadable outcomes: {error}"
+            outcomes[folder.cell.name] = (folder, cell_outcomes(folder.metrics))
+        except Unavailable as reason:
+            comparison.not_compared[folder.cell.name] = str(reason)
     for (first, (folder, a)), (second, (_, b)) in combinations(outcomes.items(), 2):
         try:
             differences = paired_differences(a, b, (first, second), RESAMPLES, CONFIDENCE, SEED)
@@ -84,21 +82,36 @@ def compare_cells(folders: list) -> PairedComparison:
     return comparison
 
 
-def why_no_outcomes(metrics: Path) -> str:
+class Unavailable(Exception):
+    """A cell has no outcomes to compare; the message says why."""
+
+
+def cell_outcomes(metrics: Path) -> pd.DataFrame:
+    """The outcomes of the evaluation in `metrics`: only those its metrics.json names, written by
+    the classifier it names, so that a file left by an earlier evaluation is never read."""
     path = metrics / "metrics.json"
     if not path.is_file():
-        return "not evaluated"
+        raise Unavailable("not evaluated")
     result = json.loads(path.read_text())
-    skipped = [
-        f"{name} skipped: {reason}"
-        for name, reason in result.get("skipped", {}).items()
-        if name in ("classifier protocols", "insertion protocol")
-    ]
-    if skipped:
-        return "; ".join(skipped)
-    if "insertion" in result.get("classifier_protocols", {}):
-        return "evaluated by a medsd that kept no per-image outcomes (rerun `medsd evaluate`)"
-    return "its evaluation ran no insertion protocol"
+    insertion = result.get("classifier_protocols", {}).get("insertion")
+    if insertion is None:
+        skipped = [
+            f"{name} skipped: {reason}"
+            for name, reason in result.get("skipped", {}).items()
+            if name in ("classifier protocols", "insertion protocol")
+        ]
+        raise Unavailable("; ".join(skipped) or "its evaluation ran no insertion protocol")
+    if not insertion.get("outcomes"):
+        raise Unavailable("evaluated by a medsd that kept no per-image outcomes (rerun `medsd evaluate`)")
+    try:
+        table = read_outcomes(metrics)
+    except (FileNotFoundError, ValueError) as error:
+        raise Unavailable(f"unreadable outcomes: {error}") from error
+    if set(table["classifier"]) != {insertion["classifier_digest"]}:
+        raise Unavailable(
+            f"{OUTCOMES_FILE} was not written by the evaluation in metrics.json (another classifier)"
+        )
+    return table
 
 
 def markdown(comparison: PairedComparison) -> str:

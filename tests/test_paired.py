@@ -166,16 +166,20 @@ CALLED = {
 
 def write_insertion(folder, called, digest: str = DIGEST) -> None:
     """The outcomes `medsd evaluate` writes for a cell's sample folder, and its insertion section."""
+    write_outcomes(folder.metrics, fake_outcomes(folder, called, digest))
+    add_insertion_section(folder, {"classifier_digest": digest, "outcomes": OUTCOMES_FILE})
+
+
+def fake_outcomes(folder, called, digest: str) -> pd.DataFrame:
     images = read_manifest(folder.samples)
     positive = torch.tensor(np.asarray(called, dtype=bool).reshape(len(images), 1))
     stated = torch.tensor(np.repeat(np.asarray(SWEEP_STATED, dtype=np.float32), 2, axis=0))
-    write_outcomes(folder.metrics, outcome_table(images, ["Effusion"], stated, positive, digest))
-    add_insertion_section(folder)
+    return outcome_table(images, ["Effusion"], stated, positive, digest)
 
 
-def add_insertion_section(folder) -> None:
+def add_insertion_section(folder, insertion: dict) -> None:
     result = json.loads((folder.metrics / "metrics.json").read_text())
-    result["classifier_protocols"] = {"insertion": {"classifier_digest": DIGEST}}
+    result["classifier_protocols"] = {"insertion": insertion}
     write_outputs(result, folder.metrics)
 
 
@@ -194,7 +198,7 @@ def sweep(tmp_path_factory) -> Path:
         write_cell(cells[name], 0, copying=False, prompts=prompts)
     for name, called in CALLED.items():
         write_insertion(cells[name], called)
-    add_insertion_section(cells["old"])
+    add_insertion_section(cells["old"], {"classifier_digest": DIGEST})  # an older medsd's metrics.json
     result = json.loads((cells["skipped"].metrics / "metrics.json").read_text())
     result["skipped"]["insertion protocol"] = "prompted from the training split"
     write_outputs(result, cells["skipped"].metrics)
@@ -233,18 +237,34 @@ def test_the_sweep_report_compares_the_cells_with_outcomes_and_says_why_the_othe
     assert "<td>strategy-unet</td><td>strategy-lora</td><td>Effusion</td><td>false positive rate</td>" in html
 
 
-def test_a_pair_scored_by_different_classifiers_is_refused_and_a_broken_file_named(sweep, tmp_path):
+def report_of_a_copy(sweep: Path, tmp_path: Path, change) -> str:
+    """report.md of a copy of the sweep whose cell folders `change(cells)` altered."""
     copy = tmp_path / "sweep"
     shutil.copytree(sweep, copy)
     matrix = Matrix.load(sweep.parent / "matrix.yaml")
     cells = sweep_plan(matrix, copy)
-    write_insertion(cells[1], CALLED["lora"], digest="d" * 64)
-    (cells[2].metrics / OUTCOMES_FILE).write_text("prompt_index,k\n0,0\n")
+    change(cells)
     write_report(matrix, cells, copy)
-    report = (copy / "report.md").read_text()
-    assert "- strategy-old: not compared: unreadable outcomes: " in report and "has no column(s)" in report
+    return (copy / "report.md").read_text()
+
+
+def test_outcomes_not_of_the_cells_evaluation_are_not_read(sweep, tmp_path):
+    def change(cells):
+        (cells[0].metrics / OUTCOMES_FILE).write_text("prompt_index,k\n0,0\n")
+        write_outcomes(cells[1].metrics, fake_outcomes(cells[1], CALLED["lora"], "e" * 64))  # a later run's
+        write_outcomes(cells[3].metrics, fake_outcomes(cells[3], CALLED["lora"], DIGEST))  # an earlier run's
+
+    report = report_of_a_copy(sweep, tmp_path, change)
+    assert "- strategy-unet: not compared: unreadable outcomes: " in report and "has no column(s)" in report
+    assert "- strategy-lora: not compared: insertion_outcomes.csv was not written by the evaluation" in report
+    assert "- strategy-skipped: not compared: insertion protocol skipped: " in report
+
+
+def test_a_pair_scored_by_different_classifiers_is_refused(sweep, tmp_path):
+    report = report_of_a_copy(
+        sweep, tmp_path, lambda cells: write_insertion(cells[1], CALLED["lora"], "d" * 64)
+    )
     assert "No pair of cells could be compared." in report
     assert (
         "- strategy-unet vs strategy-lora: refused: strategy-unet and strategy-lora were scored by " in report
     )
-    assert not pd.read_csv(copy / "summary.csv")["metric"].str.startswith("paired_").any()
