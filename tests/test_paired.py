@@ -32,7 +32,8 @@ DIGEST = "c" * 64
 def outcomes(
     stated, positive, seeds=None, prompts=None, digest=DIGEST, findings=("Effusion",)
 ) -> pd.DataFrame:
-    """A cell's outcomes for prompts of `len(stated)` images each: stated [P, F], positive [P, K, F]."""
+    """A cell's outcomes for P prompts of K images each: stated [P, F], positive [P, K, F]; image k of
+    prompt i has seed i * K + k unless `seeds` says otherwise, prompt i the text "prompt i"."""
     positive = np.asarray(positive, dtype=bool)
     n_prompts, k = positive.shape[:2]
     images = pd.DataFrame(
