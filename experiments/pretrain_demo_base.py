@@ -6,9 +6,9 @@ Stable Diffusion meets radiographs after pretraining on natural images, with a V
 any image well and a U-Net whose cross-attention ties words to places, sizes and brightness; the
 demo needs the same situation at CPU scale, so its base model (`medsd/demo-base`) is pretrained
 here on generated grey-level scenes whose captions say where each shape is, how large and how
-bright (datamodules/scenes.py), and then adapted to chest phantoms by every strategy. Two `medsd fit` runs, each
-bounded by time: a VAE (experiments/configs/demo/base_vae.yaml), then a tiny text-to-image U-Net
-on its latents with a frozen tiny CLIP text encoder (base.yaml). The second run's export, a
+bright (datamodules/scenes.py), and then adapted to chest phantoms by every strategy. Two
+`medsd fit` runs, each bounded by time: a VAE (experiments/configs/demo/base_vae.yaml), then a
+tiny text-to-image U-Net on its latents with a frozen tiny CLIP text encoder (base.yaml). The second run's export, a
 diffusers pipeline folder, is copied to `--out`; the repository ships the result, so the demo
 never waits for this.
 """
