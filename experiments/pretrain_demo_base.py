@@ -8,9 +8,9 @@ demo needs the same situation at CPU scale, so its base model (`medsd/demo-base`
 here on generated grey-level scenes whose captions say where each shape is, how large and how
 bright (datamodules/scenes.py), and then adapted to chest phantoms by every strategy. Two
 `medsd fit` runs, each bounded by time: a VAE (experiments/configs/demo/base_vae.yaml), then a
-tiny text-to-image U-Net on its latents with a frozen tiny CLIP text encoder (base.yaml). The second run's export, a
-diffusers pipeline folder, is copied to `--out`; the repository ships the result, so the demo
-never waits for this.
+tiny text-to-image U-Net on its latents with a frozen tiny CLIP text encoder (base.yaml). The
+second run's export, a diffusers pipeline folder, is copied to `--out`; the repository ships the
+result, so the demo never waits for this.
 """
 
 from __future__ import annotations
