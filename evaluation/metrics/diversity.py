@@ -23,9 +23,9 @@ def compute(context: EvaluationContext) -> list[dict]:
         intra = intra_prompt_diversity(pairs)
         rows.append({"metric": "ms_ssim_intra_prompt", "value": intra.pop("ms_ssim"), **intra, **label})
     if len(groups) >= 2:
+        args = context.args
         every_prompt = [images[rows_] for rows_ in groups]
-        pairs, seed = context.args.cross_prompt_pairs, context.args.seed
-        cross = cross_prompt_diversity(every_prompt, pairs=pairs, seed=seed)
+        cross = cross_prompt_diversity(every_prompt, pairs=args.cross_prompt_pairs, seed=args.seed)
         rows.append({"metric": "ms_ssim_cross_prompt", "value": cross.pop("ms_ssim"), **cross, **label})
     return rows
 
